@@ -1,0 +1,158 @@
+"""The course's CNN (SimpleModel), a stronger residual CNN, and checkpoint I/O.
+
+SimpleModel checkpoints use the course format, {'model_state_dict': state_dict}, so
+course code can read them. Other architectures add an 'arch' key naming themselves;
+load_model() reads either, and a bare state_dict too.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dataset import UserError, atomic_write
+
+
+class SimpleModel(nn.Module):
+    """The course's CNN; parameter names are part of the checkpoint format."""
+
+    arch = "simple"
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(16, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = self.dropout(F.relu(self.fc1(x)))
+        x = self.dropout(F.relu(self.fc2(x)))
+        return self.fc3(x)
+
+    def save(self, path):
+        save_checkpoint(self, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu"):
+        model = load_model(path, map_location)
+        if not isinstance(model, cls):
+            raise UserError(f"{path}: holds a {model.arch!r} model, not a SimpleModel")
+        return model
+
+
+def _conv_bn(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet8(nn.Module):
+    """A small residual batch-norm CNN for 32x32 inputs on a CPU budget.
+
+    ResNet-9 layout (prep conv, then pool-as-you-go stages with residual blocks at
+    two of them), narrowed so a 2-core CPU trains it on the course data in minutes.
+    """
+
+    arch = "resnet8"
+
+    def __init__(self, num_classes=3, width=32):
+        super().__init__()
+        w = width
+        self.prep = _conv_bn(3, w)
+        self.layer1 = nn.Sequential(_conv_bn(w, 2 * w), nn.MaxPool2d(2), _Residual(2 * w))
+        self.layer2 = nn.Sequential(_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2))
+        self.layer3 = nn.Sequential(_conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), _Residual(8 * w))
+        self.head = nn.Linear(8 * w, num_classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
+
+    def save(self, path):
+        save_checkpoint(self, path)
+
+
+ARCHITECTURES = {cls.arch: cls for cls in (SimpleModel, ResNet8)}
+
+
+def build_model(arch="simple"):
+    try:
+        return ARCHITECTURES[arch]()
+    except KeyError:
+        raise UserError(f"unknown model {arch!r}; choose one of {', '.join(ARCHITECTURES)}") from None
+
+
+def checkpoint_dict(model):
+    """The dict saved for model: course format for SimpleModel, plus 'arch' otherwise."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if model.arch == SimpleModel.arch:
+        return {"model_state_dict": state}
+    return {"model_state_dict": state, "arch": model.arch}
+
+
+def save_checkpoint(model, path):
+    """Write model's checkpoint atomically (temporary file, then rename)."""
+    ckpt = checkpoint_dict(model)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def _guess_arch(state):
+    return next((name for name, cls in ARCHITECTURES.items() if set(cls().state_dict()) == set(state)), None)
+
+
+def _describe_mismatch(model, state):
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} != {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape
+    ]
+    parts = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts)
+
+
+def load_model(path, map_location="cpu"):
+    """Load a checkpoint (course format, 'arch'-tagged, or a bare state_dict) into its model."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a checkpoint file") from None
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
+        state, arch = ckpt["model_state_dict"], ckpt.get("arch")
+    else:
+        state, arch = ckpt, None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict")
+    if arch is None:
+        arch = _guess_arch(state) or SimpleModel.arch
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path}: unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    model = ARCHITECTURES[arch]()
+    mismatch = _describe_mismatch(model, state)
+    if mismatch:
+        raise UserError(f"{path}: not a {ARCHITECTURES[arch].__name__} checkpoint: {mismatch}")
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,56 @@
+"""Shared fixtures: small real data built from a local CIFAR-10 copy, and a script runner."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+
+
+def cifar_dir():
+    """The local CIFAR-10 copy: $CIFAR10_DIR, else ../shared/cifar10-images beside the repo."""
+    for candidate in (os.environ.get("CIFAR10_DIR"), ROOT.parent / "shared" / "cifar10-images"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+needs_cifar = pytest.mark.skipif(cifar_dir() is None, reason="no local CIFAR-10 copy (set CIFAR10_DIR)")
+
+
+def run_script(script, *args, cwd, timeout=600, env=None):
+    """Run one of the project's scripts as a user would; return the CompletedProcess."""
+    full_env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small course-like set from real CIFAR-10 photos: data/{train,dev}.pickle + manifest."""
+    source = cifar_dir()
+    if source is None:
+        pytest.skip("no local CIFAR-10 copy (set CIFAR10_DIR)")
+    out = tmp_path_factory.mktemp("small") / "data"
+    dataset.build_from_cifar(
+        source, out, seed=1, train_counts=(300, 60, 200), dev_counts=(100, 50, 60), mislabeled=40, quiet=True
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory):
+    """The full default data set (4,000/400/2,000 train, 1,000/250/500 dev) from the local copy."""
+    source = cifar_dir()
+    if source is None:
+        pytest.skip("no local CIFAR-10 copy (set CIFAR10_DIR)")
+    out = tmp_path_factory.mktemp("default") / "data"
+    dataset.build_from_cifar(source, out, quiet=True)
+    return out
