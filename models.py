@@ -156,3 +156,20 @@ def load_model(path, map_location="cpu"):
         raise UserError(f"{path}: not a {ARCHITECTURES[arch].__name__} checkpoint: {mismatch}")
     model.load_state_dict(state)
     return model.eval()
+
+
+@torch.no_grad()
+def predict_proba(model, images, device="cpu", batch_size=1000, flip=False):
+    """Class probabilities [N, 3] for images [N, 3, 32, 32], in eval mode (dropout off).
+
+    flip=True averages with the horizontally flipped image (test-time augmentation).
+    """
+    model.eval()
+    probs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device, non_blocking=True)
+        p = model(x).softmax(1)
+        if flip:
+            p = (p + model(x.flip(3)).softmax(1)) / 2
+        probs.append(p.float().cpu())
+    return torch.cat(probs)
