@@ -9,6 +9,7 @@ In memory a set is held as one image tensor [N, 3, 32, 32] plus one label tensor
 so training and evaluation slice batches instead of collating thousands of tensors.
 """
 import argparse
+import codecs
 import collections
 import io
 import json
@@ -43,7 +44,7 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(): user mistakes become one 'error:' line and exit code 2."""
+    """Run a script's main(): user mistakes become one 'error:' line and exit status 1."""
     try:
         main()
     except UserError as e:
@@ -103,6 +104,7 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
     ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): codecs.encode,  # protocols 0-2 write bytes through it
 }
 
 
@@ -230,17 +232,19 @@ def _image_files(tree):
 
 
 def _decode(paths):
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
 
     images = []
     for p in paths:
         try:
-            image = decode_image(read_file(str(p)), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
+            with Image.open(p) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
             raise UserError(f"{p}: cannot decode image ({e})") from None
-        if tuple(image.shape[1:]) != (32, 32):
-            raise UserError(f"{p}: image is {image.shape[2]}x{image.shape[1]}, expected CIFAR's 32x32")
-        images.append(image)
+        if pixels.shape[:2] != (32, 32):
+            raise UserError(f"{p}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected CIFAR's 32x32")
+        images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
     return torch.stack(images)
 
 

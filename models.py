@@ -4,6 +4,8 @@ SimpleModel checkpoints use the course format, {'model_state_dict': state_dict},
 course code can read them. Other architectures add an 'arch' key naming themselves;
 load_model() reads either, and a bare state_dict too.
 """
+import pickle
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -137,7 +139,12 @@ def load_model(path, map_location="cpu"):
         raise UserError(f"{path}: checkpoint not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, expected a checkpoint file") from None
-    except Exception as e:  # torch raises many types for corrupt or unsafe files
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise UserError(f"{path}: refused: the file holds objects other than tensors, and loading them "
+                            "could run code; only weight checkpoints are accepted") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # torch raises many types for corrupt files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
     if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
@@ -148,7 +155,7 @@ def load_model(path, map_location="cpu"):
         raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict")
     if arch is None:
         arch = _guess_arch(state) or SimpleModel.arch
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise UserError(f"{path}: unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
     model = ARCHITECTURES[arch]()
     mismatch = _describe_mismatch(model, state)

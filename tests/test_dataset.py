@@ -1,0 +1,545 @@
+"""Course data pickles (safe loading, validation) and building them from CIFAR-10 (dataset.py)."""
+import builtins
+import hashlib
+import io
+import json
+import os
+import pickle
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from conftest import cifar_dir, needs_cifar, run_script
+from dataset import UserError, build_from_cifar, class_counts, load_pickle, save_pickle
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# torchvision 0.29 deprecates its image decoders (dataset.py uses them) with one warning per image.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+def random_images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+
+
+def good_items(n=5, seed=0):
+    return [(image, i % 3) for i, image in enumerate(random_images(n, seed))]
+
+
+def dump(path, obj, protocol=pickle.DEFAULT_PROTOCOL):
+    """Write obj the way course code does: a plain pickle.dump."""
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+    return path
+
+
+class _RunsShell:
+    """Unpickling this runs a shell command: the classic malicious-pickle payload."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class _OpensForWriting:
+    """Unpickling this creates a file (builtins.open in write mode)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (builtins.open, (self.path, "w"))
+
+
+class _StorageFromBytes:
+    """Pickles as torch.storage._load_from_bytes(data): how torch pickles a tensor's storage."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing course pickles
+
+
+def test_save_load_round_trip(tmp_path):
+    images = random_images(20)
+    labels = torch.tensor([0, 1, 2, 2, 0] * 4)
+    path = tmp_path / "set.pickle"
+    save_pickle(path, images, labels)
+
+    loaded_images, loaded_labels = load_pickle(path)
+    assert isinstance(loaded_images, torch.Tensor) and isinstance(loaded_labels, torch.Tensor)
+    assert loaded_images.shape == (20, 3, 32, 32) and loaded_images.dtype == torch.float32
+    assert loaded_labels.shape == (20,) and loaded_labels.dtype == torch.int64
+    assert torch.equal(loaded_images, images)
+    assert torch.equal(loaded_labels, labels)
+
+
+def test_saved_file_is_the_course_format(tmp_path):
+    images, labels = random_images(6), torch.tensor([2, 1, 0, 0, 1, 2])
+    path = tmp_path / "set.pickle"
+    save_pickle(path, images, labels)
+
+    with open(path, "rb") as f:  # what course code does
+        items = pickle.load(f)
+    assert type(items) is list and len(items) == 6
+    for (image, label), want_image, want_label in zip(items, images, labels):
+        assert type(label) is int and label == int(want_label)
+        assert isinstance(image, torch.Tensor) and image.dtype == torch.float32
+        assert torch.equal(image, want_image)
+
+
+def test_saved_file_holds_each_image_once(tmp_path):
+    # Pickling views of one big tensor would store the whole tensor with every image.
+    n = 30
+    path = tmp_path / "set.pickle"
+    save_pickle(path, random_images(n), torch.zeros(n, dtype=torch.long))
+    assert path.stat().st_size < 1.1 * n * 3 * 32 * 32 * 4
+
+
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_course_written_pickle_loads_unchanged(tmp_path, protocol):
+    from torchvision import transforms
+
+    to_course = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    rng = np.random.default_rng(protocol)
+    items = [(to_course(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))), i % 3) for i in range(7)]
+    path = dump(tmp_path / "course.pickle", items, protocol)
+
+    images, labels = load_pickle(path)
+    assert torch.equal(images, torch.stack([image for image, _ in items]))
+    assert labels.tolist() == [label for _, label in items]
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_values_just_outside_the_range_are_tolerated(tmp_path):
+    items = good_items(3)
+    items[1][0][0, 0, 0] = 1.0005
+    items[1][0][0, 0, 1] = -1.0005
+    images, _ = load_pickle(dump(tmp_path / "rounding.pickle", items))
+    assert -1 <= float(images.min()) and float(images.max()) <= 1
+
+
+@pytest.mark.parametrize("payload", ["os.system", "open for writing"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload):
+    marker = tmp_path / "MARKER"
+    evil = _RunsShell(f"touch {shlex.quote(str(marker))}") if payload == "os.system" else _OpensForWriting(marker)
+    path = dump(tmp_path / "evil.pickle", good_items(2) + [(evil, 0)])
+
+    with pytest.raises(UserError, match="evil.pickle") as info:
+        load_pickle(path)
+    assert "\n" not in str(info.value)
+    assert not marker.exists(), "loading the pickle ran code from it"
+    # The payload is live: an ordinary unpickler would have run it.
+    with open(path, "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("zip_format", [False, True], ids=["legacy", "zip"])
+def test_malicious_payload_inside_tensor_storage_bytes_never_runs(tmp_path, zip_format):
+    # torch pickles tensor storages as torch.storage._load_from_bytes(bytes), which the loader
+    # must allow; the bytes themselves can hold a pickle with a payload.
+    marker = tmp_path / "MARKER"
+    inner = io.BytesIO()
+    torch.save(_RunsShell(f"touch {shlex.quote(str(marker))}"), inner, _use_new_zipfile_serialization=zip_format)
+    path = dump(tmp_path / "sneaky.pickle", [(_StorageFromBytes(inner.getvalue()), 0)])
+
+    with pytest.raises(UserError):
+        load_pickle(path)
+    assert not marker.exists(), "loading the pickle ran code from it"
+    torch.storage._load_from_bytes(inner.getvalue())  # unrestricted loading would have run it
+    assert marker.exists()
+
+
+def _image(fill=None, shape=(3, 32, 32), dtype=torch.float32):
+    image = torch.zeros(shape, dtype=dtype)
+    if fill is not None:
+        image[1, 2, 3] = fill
+    return image
+
+
+BAD_ITEMS = {
+    "wrong shape": ((_image(shape=(3, 28, 28)), 0), "shape [3, 28, 28]"),
+    "channels last": ((_image(shape=(32, 32, 3)), 0), "shape [32, 32, 3]"),
+    "batched": ((_image(shape=(1, 3, 32, 32)), 0), "shape"),
+    "integer dtype": ((_image(dtype=torch.uint8), 0), "dtype torch.uint8"),
+    "NaN": ((_image(float("nan")), 0), "NaN"),
+    "infinity": ((_image(float("inf")), 1), "infinite"),
+    "above 1": ((_image(1.5), 0), "[-1, 1]"),
+    "below -1": ((_image(-1.2), 2), "[-1, 1]"),
+    "not normalized (0-255)": ((torch.full((3, 32, 32), 200.0), 0), "[-1, 1]"),
+    "label 3": ((_image(), 3), "label 3"),
+    "label -1": ((_image(), -1), "label -1"),
+    "label float": ((_image(), 1.0), "label 1.0"),
+    "label str": ((_image(), "car"), "label 'car'"),
+    "image a list": ((_image().tolist(), 0), "image is a list"),
+    "not a pair": ((_image(),), "not an (image, label) pair"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ITEMS))
+def test_bad_item_is_refused_naming_its_index(tmp_path, case):
+    bad, reason = BAD_ITEMS[case]
+    items = good_items(5)
+    items[2] = bad
+    path = dump(tmp_path / "bad.pickle", items)
+    with pytest.raises(UserError) as info:
+        load_pickle(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert "item 2" in message, message
+    assert reason in message, message
+
+
+@pytest.mark.parametrize(
+    "obj, reason",
+    [([], "empty"), ({"images": 1}, "found dict"), (torch.zeros(4, 3, 32, 32), "found Tensor"), (7, "found int")],
+    ids=["empty list", "dict", "tensor", "int"],
+)
+def test_not_a_list_of_items_is_refused(tmp_path, obj, reason):
+    path = dump(tmp_path / "odd.pickle", obj)
+    with pytest.raises(UserError, match=reason):
+        load_pickle(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "set.pickle"
+    save_pickle(path, random_images(4), torch.tensor([0, 1, 2, 0]))
+    data = path.read_bytes()
+    for cut in (0, 1, 40, len(data) // 3, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(UserError, match="set.pickle"):
+            load_pickle(path)
+
+
+@pytest.mark.parametrize("content", [b"car,truck,cat\n1,2,3\n", bytes(range(256)) * 4], ids=["text", "garbage"])
+def test_file_that_is_not_a_pickle_is_refused(tmp_path, content):
+    path = tmp_path / "set.pickle"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="set.pickle"):
+        load_pickle(path)
+
+
+def test_model_checkpoint_passed_as_data_is_refused(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"model_state_dict": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(UserError, match="model.ckpt"):
+        load_pickle(path)
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(UserError, match="nope.pickle.*dataset.py build"):
+        load_pickle(tmp_path / "nope.pickle")
+    with pytest.raises(UserError):
+        load_pickle(tmp_path)  # a folder
+
+
+# ---------------------------------------------------------------------------
+# Building from a local CIFAR-10 copy (a tiny ImageFolder tree made here)
+
+TREE_SIZES = {"automobile": 10, "truck": 6, "cat": 10}
+SMALL = dict(train_counts=(4, 2, 6), dev_counts=(3, 2, 3), mislabeled=3)
+
+
+def write_tree(root, sizes=TREE_SIZES, seed=0):
+    """train/<cifar class>/NNNN.png|jpg of random 32x32 photos; returns {(class, name): course tensor}."""
+    rng = np.random.default_rng(seed)
+    reference = {}
+    for cls, (name, n) in enumerate(sizes.items()):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        (folder / "notes.txt").write_text("not an image\n")
+        for j in range(n):
+            path = folder / f"{j:04d}.{'jpg' if j % 3 == 2 else 'png'}"
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, quality=95, subsampling=0)
+            decoded = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+            reference[(cls, path.name)] = dataset.from_unit(decoded.float() / 255)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    return root, write_tree(root)
+
+
+def identify(images, reference):
+    """The (true class, file name) of each built image, by nearest source photo."""
+    keys = list(reference)
+    refs = torch.stack([reference[k] for k in keys])
+    distance = (images[:, None] - refs[None]).abs().flatten(2).mean(2)
+    best = distance.min(1)
+    assert (best.values < 0.05).all(), "a built image matches none of the source photos"
+    return [keys[i] for i in best.indices.tolist()]
+
+
+def build_small(root, out, seed=0, **overrides):
+    return build_from_cifar(root, out, seed=seed, quiet=True, **{**SMALL, **overrides})
+
+
+def test_build_from_image_tree(tiny_cifar, tmp_path):
+    root, reference = tiny_cifar
+    out = tmp_path / "data"
+    manifest = build_small(root, out)
+
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["seed"] == 0 and manifest["source"] == str(root)
+    assert manifest["train"] == {
+        "true_counts": {"car": 4, "truck": 2, "cat": 6},
+        "given_counts": {"car": 7, "truck": 2, "cat": 3},
+    }
+    assert manifest["dev"] == {
+        "true_counts": {"car": 3, "truck": 2, "cat": 3},
+        "given_counts": {"car": 3, "truck": 2, "cat": 3},
+    }
+
+    train_x, train_y = load_pickle(out / "train.pickle")
+    dev_x, dev_y = load_pickle(out / "dev.pickle")
+    assert class_counts(train_y) == [7, 2, 3] and class_counts(dev_y) == [3, 2, 3]
+
+    train_ids, dev_ids = identify(train_x, reference), identify(dev_x, reference)
+    assert len(set(train_ids)) == 12 and len(set(dev_ids)) == 8, "an image was used twice"
+    assert not set(train_ids) & set(dev_ids), "train and dev share images"
+
+    dev_true = torch.tensor([cls for cls, _ in dev_ids])
+    assert torch.equal(dev_y, dev_true), "dev labels must all be correct"
+
+    train_true = torch.tensor([cls for cls, _ in train_ids])
+    assert class_counts(train_true) == [4, 2, 6]
+    wrong = (train_y != train_true).nonzero().flatten().tolist()
+    listed = [entry["index"] for entry in manifest["mislabeled"]]
+    assert sorted(listed) == wrong and len(wrong) == 3
+    for entry in manifest["mislabeled"]:
+        i = entry["index"]
+        assert (entry["given"], entry["true"]) == ("car", "cat")
+        assert int(train_y[i]) == 0 and int(train_true[i]) == 2
+        assert entry["source"] == train_ids[i][1]
+
+
+def test_build_also_accepts_the_train_folder_itself(tiny_cifar, tmp_path):
+    root, reference = tiny_cifar
+    build_small(root / "train", tmp_path / "data")
+    images, _ = load_pickle(tmp_path / "data" / "train.pickle")
+    identify(images, reference)
+
+
+def test_build_is_deterministic_by_seed(tiny_cifar, tmp_path):
+    root, reference = tiny_cifar
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        build_small(root, tmp_path / name, seed=seed)
+
+    def contents(name):
+        return [load_pickle(tmp_path / name / f"{split}.pickle") for split in ("train", "dev")]
+
+    a, b, c = contents("a"), contents("b"), contents("c")
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+    chosen_a = set(identify(a[0][0], reference))
+    chosen_c = set(identify(c[0][0], reference))
+    assert chosen_a != chosen_c, "a different seed should pick different images"
+
+
+def test_build_refuses_more_images_than_the_source_holds(tiny_cifar, tmp_path):
+    root, _ = tiny_cifar
+    out = tmp_path / "data"
+    with pytest.raises(UserError, match="holds only 10"):
+        build_small(root, out, train_counts=(8, 2, 6), dev_counts=(3, 2, 3))
+    with pytest.raises(UserError, match="holds only 6"):
+        build_small(root, out, train_counts=(4, 5, 6), dev_counts=(3, 2, 3))
+    assert not (out / "train.pickle").exists()
+
+
+def test_build_refuses_more_mislabeled_than_training_cats(tiny_cifar, tmp_path):
+    root, _ = tiny_cifar
+    with pytest.raises(UserError, match="mislabeled"):
+        build_small(root, tmp_path / "data", mislabeled=7)
+
+
+def test_build_refuses_a_folder_that_is_not_a_cifar_copy(tmp_path):
+    (tmp_path / "photos" / "train" / "dog").mkdir(parents=True)
+    (tmp_path / "photos" / "train" / "automobile").mkdir()
+    with pytest.raises(UserError, match="not a CIFAR-10 copy"):
+        build_small(tmp_path / "photos", tmp_path / "data")
+    with pytest.raises(UserError, match="not found"):
+        build_small(tmp_path / "missing", tmp_path / "data")
+
+
+def test_build_refuses_corrupt_cifar_batches(tmp_path):
+    batches = tmp_path / "cifar" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "data_batch_1").write_bytes(b"not a CIFAR batch")
+    with pytest.raises(UserError, match="cifar-10-batches-py"):
+        build_small(tmp_path / "cifar", tmp_path / "data")
+
+
+def test_build_refuses_bad_image_files(tmp_path):
+    write_tree(tmp_path / "empty", {"automobile": 8, "truck": 5, "cat": 0})
+    with pytest.raises(UserError, match="cat: no .jpg or .png"):
+        build_small(tmp_path / "empty", tmp_path / "data")
+
+    write_tree(tmp_path / "big", {"automobile": 0, "truck": 5, "cat": 10})
+    car = tmp_path / "big" / "train" / "automobile"
+    for j in range(8):
+        Image.new("RGB", (64, 48)).save(car / f"{j}.png")
+    with pytest.raises(UserError, match="64x48, expected CIFAR's 32x32"):
+        build_small(tmp_path / "big", tmp_path / "data")
+
+    write_tree(tmp_path / "broken", {"automobile": 8, "truck": 4, "cat": 10})  # every truck is used
+    (tmp_path / "broken" / "train" / "truck" / "0000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(UserError, match="0000.png: cannot decode"):
+        build_small(tmp_path / "broken", tmp_path / "data")
+
+
+def test_build_offline_without_a_source_says_to_pass_a_local_copy(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(UserError) as info:
+        build_from_cifar(None, tmp_path / "data", quiet=True)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "--cifar-dir" in message and "CIFAR10_DIR" in message
+
+
+# ---------------------------------------------------------------------------
+# ensure_data: scripts that need data build the default set, never a custom path
+
+
+@pytest.fixture
+def build_calls(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(dataset, "build_from_cifar", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    return calls
+
+
+def test_ensure_data_refuses_a_missing_custom_path(build_calls, tmp_path):
+    with pytest.raises(UserError, match="my_train.pickle"):
+        dataset.ensure_data(tmp_path / "my_train.pickle", dataset.DEV_PATH)
+    assert build_calls == []
+
+
+def test_ensure_data_leaves_existing_data_alone(build_calls, tmp_path):
+    for path in (dataset.TRAIN_PATH, dataset.DEV_PATH):
+        save_pickle(path, random_images(1), [0])
+    dataset.ensure_data(dataset.TRAIN_PATH, dataset.DEV_PATH)
+    assert build_calls == []
+
+
+def test_ensure_data_builds_missing_default_data(build_calls, monkeypatch):
+    dataset.ensure_data(dataset.TRAIN_PATH, dataset.DEV_PATH, cifar_dir="/my/cifar")
+    monkeypatch.setenv("CIFAR10_DIR", "/env/cifar")
+    dataset.ensure_data(dataset.TRAIN_PATH, dataset.DEV_PATH)
+    assert len(build_calls) == 2
+    (args1, kw1), (args2, kw2) = build_calls
+    assert args1[0] == "/my/cifar" and Path(kw1["out_dir"]) == Path("data")
+    assert args2[0] == "/env/cifar"
+
+
+def test_ensure_data_with_a_missing_source_stops_with_one_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no_such_cifar"):
+        dataset.ensure_data(dataset.TRAIN_PATH, dataset.DEV_PATH, cifar_dir=str(tmp_path / "no_such_cifar"))
+
+
+# ---------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_build_with_missing_cifar_dir_is_one_error_line(tmp_path):
+    result = run_script("dataset.py", "build", "--cifar-dir", tmp_path / "no_such_dir", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no_such_dir" in lines[0], result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_insights_prints_counts_and_saves_figures(small_data, tmp_path):
+    figures = tmp_path / "figs"
+    result = run_script(
+        "dataset.py", "insights", "--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle",
+        "--figures", figures, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("class_balance.png", "samples.png"):
+        data = (figures / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.strip()}
+    # small_data: train 300/60/200 true with 40 cats labeled car; dev 100/50/60.
+    assert rows["train"] == ["560", "340", "60", "160"], result.stdout
+    assert rows["dev"] == ["210", "100", "50", "60"], result.stdout
+    assert not (tmp_path / "data").exists(), "insights built data it did not need"
+
+
+def test_cli_insights_with_a_missing_data_file_is_one_error_line(tmp_path):
+    result = run_script("dataset.py", "insights", "--data", tmp_path / "mine.pickle", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mine.pickle" in lines[0], result.stderr
+
+
+# ---------------------------------------------------------------------------
+# The default data, built from the local CIFAR-10 copy
+
+
+@needs_cifar
+def test_default_data_has_the_course_counts_and_noise(default_data):
+    manifest = json.loads((default_data / "manifest.json").read_text())
+    assert manifest["seed"] == 0
+    assert manifest["train"] == {
+        "true_counts": {"car": 4000, "truck": 400, "cat": 2000},
+        "given_counts": {"car": 4600, "truck": 400, "cat": 1400},
+    }
+    assert manifest["dev"]["true_counts"] == manifest["dev"]["given_counts"] == {"car": 1000, "truck": 250, "cat": 500}
+
+    # Best of two wall-clock timings, so one stall of a busy machine does not decide it.
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        train_x, train_y = load_pickle(default_data / "train.pickle")
+        timings.append(time.perf_counter() - start)
+        if timings[-1] < 3:
+            break
+    assert min(timings) < 3, f"loading the default train pickle took {min(timings):.1f} s"
+    dev_x, dev_y = load_pickle(default_data / "dev.pickle")
+    assert class_counts(train_y) == [4600, 400, 1400] and len(train_x) == 6400
+    assert class_counts(dev_y) == [1000, 250, 500] and len(dev_x) == 1750
+
+    mislabeled = manifest["mislabeled"]
+    indices = [entry["index"] for entry in mislabeled]
+    assert len(set(indices)) == 600
+    assert all((entry["given"], entry["true"]) == ("car", "cat") for entry in mislabeled)
+    assert (train_y[indices] == 0).all()
+    source = cifar_dir()
+    if (source / "train" / "cat").is_dir():
+        assert all((source / "train" / "cat" / entry["source"]).is_file() for entry in mislabeled[:50])
+
+    def digests(images):
+        return {hashlib.sha1(image.numpy().tobytes()).digest() for image in images}
+
+    assert not digests(train_x) & digests(dev_x), "train and dev share images"
