@@ -20,8 +20,6 @@ from dataset import UserError, build_from_cifar, class_counts, load_pickle, save
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# torchvision 0.29 deprecates its image decoders (dataset.py uses them) with one warning per image.
-
 
 def random_images(n, seed=0):
     g = torch.Generator().manual_seed(seed)
