@@ -51,6 +51,9 @@ def run_main(main):
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `python tester.py | head` closed the pipe: not an error
+        sys.stderr.close()
+        sys.exit(0)
 
 
 def pick_device(name=None):

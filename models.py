@@ -5,6 +5,7 @@ course code can read them. Other architectures add an 'arch' key naming themselv
 load_model() reads either, and a bare state_dict too.
 """
 import pickle
+import warnings
 
 import torch
 import torch.nn as nn
@@ -134,7 +135,11 @@ def _describe_mismatch(model, state):
 def load_model(path, map_location="cpu"):
     """Load a checkpoint (course format, 'arch'-tagged, or a bare state_dict) into its model."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol before failing on a file that is no
+            # checkpoint at all; the one-line error below already says what went wrong.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except IsADirectoryError:

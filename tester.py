@@ -1,0 +1,228 @@
+"""Evaluate a checkpoint on the dev set: accuracy, balanced accuracy, per-class metrics, confusion matrix.
+
+    python tester.py                                   # checkpoints/pre_trained.ckpt on data/dev.pickle
+    python tester.py --checkpoint checkpoints/best.ckpt --tta flip
+
+Prints a metrics table and writes <out>/confusion_<checkpoint stem>.png and
+<out>/metrics_<checkpoint stem>.json (out defaults to figures/). The dev set is
+imbalanced (1000 car, 250 truck, 500 cat), so plain accuracy rewards predicting
+"car"; balanced accuracy (the mean of the per-class accuracies) is the number to compare.
+
+predict, compute_metrics, format_metrics and plot_confusion are meant for import (trainer.py).
+"""
+import argparse
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dataset import (
+    CLASSES, DEV_PATH, FIGURES_DIR, UserError, atomic_write, ensure_data, load_pickle, pick_device, run_main
+)
+from models import load_model, predict_proba
+
+DEFAULT_CHECKPOINT = "checkpoints/pre_trained.ckpt"
+LABELS = list(range(len(CLASSES)))
+
+
+def _as_labels(y):
+    if hasattr(y, "detach"):  # a torch tensor, possibly on the GPU
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y).ravel()
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= len(CLASSES)):
+        raise ValueError(f"labels must be integers in 0..{len(CLASSES) - 1}, got {np.unique(y)[:10]}")
+    return y.astype(np.int64)
+
+
+def compute_metrics(y_true, y_pred):
+    """Metrics of predicted against true labels (ints 0..2 as lists, arrays or tensors), as plain JSON types.
+
+    Returns {"n", "accuracy", "balanced_accuracy", "per_class": {name: {"accuracy",
+    "precision", "recall", "support"}}, "confusion_matrix" (rows true, columns
+    predicted), "predicted_counts": {name: count}}. A class's accuracy is its recall.
+    """
+    # Imported here: sklearn.metrics takes over a second to import, which every run that
+    # stops at a bad flag or path (and every trainer.py start) would otherwise pay.
+    from sklearn.metrics import (
+        accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+    )
+
+    y_true, y_pred = _as_labels(y_true), _as_labels(y_pred)
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
+    if len(y_true) == 0:
+        raise ValueError("no labels to evaluate")
+    precision, recall, _, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=LABELS, zero_division=0
+    )
+    cm = confusion_matrix(y_true, y_pred, labels=LABELS)
+    with warnings.catch_warnings():
+        # A class missing from y_true (tiny subsets) is left out of the mean; the warning adds nothing.
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    per_class = {
+        name: {
+            "accuracy": float(recall[c]),
+            "precision": float(precision[c]),
+            "recall": float(recall[c]),
+            "support": int(support[c]),
+        }
+        for c, name in enumerate(CLASSES)
+    }
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced),
+        "per_class": per_class,
+        "confusion_matrix": cm.astype(int).tolist(),
+        "predicted_counts": {name: int(n) for name, n in zip(CLASSES, cm.sum(0))},
+    }
+
+
+def format_metrics(metrics):
+    """The metrics dict from compute_metrics (optionally with checkpoint/data/tta) as a text table."""
+    lines = []
+    for key in ("checkpoint", "data", "tta"):
+        if key in metrics:
+            value = metrics[key]
+            if key == "data":
+                value = f"{value} ({metrics['n']} images)"
+            lines.append(f"{key:<11} {value}")
+    if lines:
+        lines.append("")
+    lines.append(f"accuracy           {metrics['accuracy']:7.2%}")
+    lines.append(f"balanced accuracy  {metrics['balanced_accuracy']:7.2%}   (mean of the per-class accuracies)")
+    lines.append("")
+    width = max(len(name) for name in CLASSES) + 2
+    lines.append(f"{'class':<{width}}{'support':>9}{'predicted':>11}{'accuracy':>10}{'precision':>11}{'recall':>9}")
+    for name in CLASSES:
+        m = metrics["per_class"][name]
+        lines.append(
+            f"{name:<{width}}{m['support']:>9}{metrics['predicted_counts'][name]:>11}"
+            f"{m['accuracy']:>10.2%}{m['precision']:>11.2%}{m['recall']:>9.2%}"
+        )
+    lines.append("(a class's accuracy is its recall: the share of its images predicted as that class)")
+    lines.append("")
+    lines.append("confusion matrix, counts (rows: true class, columns: predicted class)")
+    cell = max(7, max(len(str(v)) for row in metrics["confusion_matrix"] for v in row) + 2)
+    lines.append(" " * width + "".join(f"{name:>{cell}}" for name in CLASSES))
+    for name, row in zip(CLASSES, metrics["confusion_matrix"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(metrics_or_matrix, path, title):
+    """Save the confusion matrix as a PNG: cells show row-normalized percent and count.
+
+    Accepts the compute_metrics dict or a 3x3 count matrix (rows true, columns predicted).
+    """
+    # Figure without pyplot renders with Agg and leaves the global backend alone, so
+    # importing this from trainer.py cannot change how (or whether) it shows windows.
+    from matplotlib.figure import Figure
+
+    if isinstance(metrics_or_matrix, dict):
+        metrics_or_matrix = metrics_or_matrix["confusion_matrix"]
+    counts = np.asarray(metrics_or_matrix, dtype=np.int64)
+    if counts.shape != (len(CLASSES), len(CLASSES)):
+        raise ValueError(f"expected a {len(CLASSES)}x{len(CLASSES)} confusion matrix, got shape {counts.shape}")
+    totals = counts.sum(1, keepdims=True)
+    # Row percentages make the small truck row as readable as the large car row.
+    percent = np.divide(100.0 * counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+
+    fig = Figure(figsize=(5.6, 4.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            color = "white" if percent[i, j] > 55 else "black"
+            ax.text(j, i, f"{percent[i, j]:.1f}%\n({counts[i, j]})", ha="center", va="center", color=color, fontsize=11)
+    ticks = range(len(CLASSES))
+    ax.set_xticks(ticks, CLASSES)
+    ax.set_yticks(ticks, [f"{name}\n(n={n})" for name, n in zip(CLASSES, totals.ravel())])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="% of the true class")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def predict(model, images, device="cpu", batch_size=1000, tta="none"):
+    """Predicted labels [N] of model for images [N, 3, 32, 32]; tta="flip" averages with the mirror image."""
+    probs = predict_proba(model.to(device), images, device=device, batch_size=batch_size, flip=tta == "flip")
+    return probs.argmax(1)
+
+
+def _to_json(record):
+    text = json.dumps(record, indent=2)
+    # One line per confusion-matrix row, so the file reads like the matrix it stores. The
+    # pattern needs real newlines, which json.dumps never leaves inside a string value.
+    row = re.compile(r"\[\n\s*(-?\d+(?:,\n\s*-?\d+)*)\n\s*\]")
+    return row.sub(lambda m: "[" + ", ".join(v.strip() for v in m[1].split(",")) + "]", text) + "\n"
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                        help=f"model checkpoint to evaluate (default: {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--data", default=DEV_PATH,
+                        help=f"course data pickle to evaluate on (default: {DEV_PATH}, built if missing)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1000,
+                        help="images per forward pass (default: 1000)")
+    parser.add_argument("--out", default=FIGURES_DIR,
+                        help=f"folder for the confusion figure and metrics JSON (default: {FIGURES_DIR})")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none",
+                        help="test-time augmentation: 'flip' averages with the mirrored image (default: none)")
+    parser.add_argument("--cifar-dir", help="local CIFAR-10 copy used if the default data must be built")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, expected a folder for the figure and metrics")
+    # The checkpoint first: a typo in its path should not wait for a data build.
+    model = load_model(args.checkpoint)
+    ensure_data(args.data, cifar_dir=args.cifar_dir)
+    images, labels = load_pickle(args.data)
+
+    start = time.perf_counter()
+    predictions = predict(model, images, device, args.batch_size, args.tta)
+    seconds = time.perf_counter() - start
+    metrics = compute_metrics(labels, predictions)
+    record = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n": metrics["n"], "tta": args.tta}
+    record.update(metrics)
+
+    print(format_metrics(record))
+    print(f"\npredicted {record['n']} images in {seconds:.2f} s on {device}")
+
+    stem = Path(args.checkpoint).stem
+    figure, metrics_json = out / f"confusion_{stem}.png", out / f"metrics_{stem}.json"
+    title = f"{stem} on {Path(args.data).name}" + (" (flip TTA)" if args.tta == "flip" else "")
+    title += f"\nbalanced accuracy {metrics['balanced_accuracy']:.1%}, accuracy {metrics['accuracy']:.1%}"
+    try:
+        plot_confusion(metrics, figure, title)
+        atomic_write(metrics_json, lambda f: f.write(_to_json(record).encode()))
+    except OSError as e:
+        raise UserError(f"{e.filename or out}: cannot write results ({e.strerror or e})") from None
+    print(f"saved {figure} and {metrics_json}")
+
+
+if __name__ == "__main__":
+    run_main(main)
