@@ -1,0 +1,208 @@
+"""trainer.py: sampler, augmentation, label repair, learning-rate study, checkpoints and resume."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import trainer
+from conftest import ROOT, run_script
+from models import SimpleModel, load_model
+
+
+def args_for(*argv):
+    return trainer.parse_args(list(argv))
+
+
+def test_balanced_sampler_draws_each_class_about_equally():
+    labels = torch.cat([torch.zeros(4600), torch.ones(400), torch.full((1400,), 2)]).long()
+    order = trainer.epoch_indices(labels, "balanced", torch.Generator().manual_seed(0))
+    assert len(order) == len(labels)
+    share = torch.bincount(labels[order], minlength=3).float() / len(order)
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.03), share
+    # Without the sampler the data's own imbalance comes through: a check that the test can fail.
+    plain = trainer.epoch_indices(labels, "none", torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(len(labels)))
+
+
+def test_balanced_weights_are_inverse_class_counts():
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    assert trainer.balanced_weights(labels).tolist() == pytest.approx([1 / 4] * 4 + [1.0] + [1 / 2] * 2)
+
+
+def test_augmentation_keeps_shape_and_range_and_draws_per_image():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 32, 32, generator=g) * 2 - 1
+    batch = image.expand(64, 3, 32, 32).contiguous()
+    out = trainer.augment_batch(batch, torch.Generator().manual_seed(1))
+    assert out.shape == batch.shape and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    assert not torch.equal(out, batch)
+    # Same input image, different random parameters per copy.
+    assert (out[1:] - out[:1]).abs().flatten(1).amax(1).min() > 1e-3
+    # Same generator seed, same result.
+    assert torch.equal(out, trainer.augment_batch(batch, torch.Generator().manual_seed(1)))
+
+
+def test_augmentation_flip_is_a_mirror_when_nothing_else_moves():
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    for seed in range(40):  # find a draw that flips; with no rotation, shift or jitter it must mirror exactly
+        out = trainer.augment_batch(image, torch.Generator().manual_seed(seed), max_degrees=0, max_shift=0, jitter=0)
+        if not torch.allclose(out, image, atol=1e-5):
+            assert torch.allclose(out, image.flip(3), atol=1e-5)
+            return
+    pytest.fail("no horizontal flip in 40 draws")
+
+
+def planted_label_errors(n_per_class=120, flips=24, seed=0):
+    """Easy synthetic classes (one bright colour channel each) with planted label errors."""
+    g = torch.Generator().manual_seed(seed)
+    true = torch.arange(3).repeat_interleave(n_per_class)
+    images = torch.rand(len(true), 3, 32, 32, generator=g) * 0.6 - 0.9
+    images[torch.arange(len(true)), true] += 1.2
+    given = true.clone()
+    planted = torch.randperm(len(true), generator=g)[:flips]
+    given[planted] = (true[planted] + 1) % 3
+    return images, true, given, set(planted.tolist())
+
+
+def test_label_repair_finds_planted_errors(tmp_path):
+    images, true, given, planted = planted_label_errors()
+    args = args_for("--repair-folds", "3", "--repair-epochs", "3", "--figures", str(tmp_path), "--no-augment")
+    repaired, keep = trainer.repair_labels(images, given, args, "cpu")
+    report = json.loads((tmp_path / "label_issues.json").read_text())
+    found = {issue["index"] for issue in report["issues"]}
+    assert len(found & planted) >= 0.8 * len(planted)
+    assert len(found & planted) >= 0.9 * len(found)
+    assert (repaired == true).float().mean() > (given == true).float().mean()
+    assert keep.all()
+    assert (tmp_path / "label_issues.png").stat().st_size > 0
+
+
+def test_label_repair_from_a_file_and_drop(tmp_path):
+    labels = torch.tensor([0, 0, 1, 2])
+    fixes = tmp_path / "fixes.json"
+    fixes.write_text(json.dumps([{"index": 1, "label": "cat"}, {"index": 2, "label": 0}]))
+    repaired, keep = trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
+    assert repaired.tolist() == [0, 2, 0, 2] and keep.all()
+    fixes.write_text(json.dumps([{"index": 9, "label": "cat"}]))
+    with pytest.raises(trainer.UserError, match="entry 0"):
+        trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
+
+
+def test_same_seed_gives_identical_training_on_cpu():
+    images, _, given, _ = planted_label_errors(n_per_class=40)
+    args = args_for("--epochs", "1")
+    a = trainer.fit(images, given, args, "cpu", epochs=2, salt="t")
+    b = trainer.fit(images, given, args, "cpu", epochs=2, salt="t")
+    c = trainer.fit(images, given, args_for("--seed", "1"), "cpu", epochs=2, salt="t")
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_lr_sweep_marks_a_huge_rate_as_diverged(small_data, tmp_path):
+    result = run_script("trainer.py", "--data", small_data / "train.pickle", "--lr-sweep", "1e-3", "1e9",
+                        "--sweep-steps", "40", "--figures", tmp_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = {r["lr"]: r for r in json.loads((tmp_path / "lr_sweep.json").read_text())}
+    assert runs[1e9]["diverged"] and not runs[1e-3]["diverged"]
+    assert len(runs[1e-3]["losses"]) == 40
+    assert "diverged" in result.stdout
+    assert (tmp_path / "lr_sweep.png").stat().st_size > 0
+
+
+def test_divergence_in_training_is_one_clear_line(small_data, tmp_path):
+    result = run_script("trainer.py", "--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle",
+                        "--epochs", "2", "--lr", "1e9", "--fix-labels", "none", "--out", tmp_path / "m.ckpt",
+                        "--figures", tmp_path, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "diverged" in last and "lower the learning rate" in last
+    assert "Traceback" not in result.stderr
+
+
+def train_cmd(small_data, tmp_path, *extra):
+    return [sys.executable, str(ROOT / "trainer.py"), "--data", str(small_data / "train.pickle"),
+            "--dev-data", str(small_data / "dev.pickle"), "--out", str(tmp_path / "m.ckpt"),
+            "--figures", str(tmp_path / "fig"), *extra]
+
+
+def test_one_epoch_with_repair_writes_course_checkpoint_and_reports(small_data, tmp_path):
+    result = run_script("trainer.py", *train_cmd(small_data, tmp_path, "--epochs", "1", "--repair-folds", "2",
+                                                  "--repair-epochs", "1")[2:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    assert set(ckpt) == {"model_state_dict"}
+    SimpleModel().load_state_dict(ckpt["model_state_dict"])
+    for name in ("training_curves.png", "label_issues.png", "label_issues.json", "training.json"):
+        assert (tmp_path / "fig" / name).stat().st_size > 0, name
+    assert "balanced accuracy" in result.stdout
+    # tester.py reads what trainer.py wrote.
+    tested = run_script("tester.py", "--checkpoint", tmp_path / "m.ckpt", "--data", small_data / "dev.pickle",
+                        "--out", tmp_path / "fig", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr
+
+
+def wait_for(path, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
+    flags = ("--epochs", "6", "--fix-labels", "none")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = subprocess.run(train_cmd(small_data, tmp_path / "a", *flags), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+
+    proc = subprocess.Popen(train_cmd(small_data, tmp_path / "b", *flags), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for(tmp_path / "b" / "m.resume.pt")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(tmp_path / "b" / "m.resume.pt", weights_only=True)["epoch"]
+    load_model(tmp_path / "b" / "m.ckpt")  # a valid checkpoint survived the kill
+    assert 1 <= saved < 6
+
+    resumed = subprocess.run(train_cmd(small_data, tmp_path / "b", *flags, "--resume"), capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"after epoch {saved}" in resumed.stderr
+    a = torch.load(tmp_path / "a" / "m.ckpt", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "b" / "m.ckpt", weights_only=True)["model_state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_ctrl_c_saves_and_exits_with_one_line(small_data, tmp_path):
+    proc = subprocess.Popen(train_cmd(small_data, tmp_path, "--epochs", "200", "--fix-labels", "none"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "m.resume.pt")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    assert "--resume" in err.strip().splitlines()[-1]
+    assert torch.load(tmp_path / "m.resume.pt", weights_only=True)["epoch"] >= 1
+
+
+def test_resume_with_other_settings_is_refused(small_data, tmp_path):
+    first = subprocess.run(train_cmd(small_data, tmp_path, "--epochs", "1", "--fix-labels", "none"),
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(train_cmd(small_data, tmp_path, "--epochs", "1", "--fix-labels", "none", "--lr", "0.1",
+                                     "--resume"), capture_output=True, text=True)
+    assert again.returncode != 0 and "lr" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_bad_fix_labels_file_is_one_line(small_data, tmp_path):
+    result = run_script("trainer.py", *train_cmd(small_data, tmp_path, "--fix-labels", tmp_path / "nope.json")[2:],
+                        cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "nope.json" in result.stderr

@@ -1,0 +1,542 @@
+"""Train a car/truck/cat classifier on imbalanced, noisy data.
+
+    python trainer.py                                   # default recipe -> checkpoints/trained.ckpt
+    python trainer.py --resume                          # continue an interrupted run
+    python trainer.py --lr-sweep 1e-5 1e-4 1e-3 1e-2 1e-1 1   # learning-rate study
+    python trainer.py --model resnet8                   # the stronger model
+
+The recipe: a WeightedRandomSampler draws each class about equally often, batched
+augmentation (flip, rotation/translation, colour jitter) stretches the few trucks and
+cats, and labels that are probably wrong (cats labeled "car") are found with confident
+learning on out-of-fold predictions and relabeled before the final training.
+"""
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import WeightedRandomSampler
+from tqdm import tqdm
+
+from dataset import (
+    CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, UserError, atomic_write, class_counts, ensure_data,
+    load_pickle, pick_device, run_main, to_unit,
+)
+from models import ARCHITECTURES, build_model, predict_proba, save_checkpoint
+
+# Per-architecture defaults: SimpleModel keeps the course's settings (Adam 1e-3, batch 32).
+RECIPES = {
+    "simple": dict(epochs=60, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0),
+    "resnet8": dict(epochs=30, lr=0.05, batch_size=128, optimizer="sgd", weight_decay=5e-4),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=TRAIN_PATH, help=f"training pickle (default: {TRAIN_PATH})")
+    parser.add_argument("--dev-data", default=DEV_PATH, help=f"dev pickle for per-epoch scores (default: {DEV_PATH})")
+    parser.add_argument("--cifar-dir", help="local CIFAR-10 copy used if the default data must be built")
+    parser.add_argument("--model", default="simple", choices=sorted(ARCHITECTURES), help="architecture (default: simple)")
+    parser.add_argument("--epochs", type=int, help="epochs (default: 60 for simple, 30 for resnet8)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 Adam for simple, 0.05 SGD for resnet8)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: 32 for simple, 128 for resnet8)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer (default: per model)")
+    parser.add_argument("--weight-decay", type=float, help="weight decay (default: per model)")
+    parser.add_argument("--schedule", choices=("constant", "cosine", "onecycle"), default="onecycle",
+                        help="learning-rate schedule (default: onecycle)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0)")
+    parser.add_argument("--sampler", choices=("balanced", "none"), default="balanced",
+                        help="balanced: WeightedRandomSampler, weight 1/class count; none: plain shuffling")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="random flip, rotation/translation and colour jitter (default: on)")
+    parser.add_argument("--fix-labels", default="auto", metavar="auto|none|FILE",
+                        help="auto: find and relabel probable label errors; none: keep labels; FILE: JSON list of "
+                             "{index, label} corrections (default: auto)")
+    parser.add_argument("--repair-folds", type=int, default=4, help="cross-validation folds for --fix-labels auto")
+    parser.add_argument("--repair-epochs", type=int, default=8, help="epochs per fold model for --fix-labels auto")
+    parser.add_argument("--repair-action", choices=("relabel", "drop"), default="relabel",
+                        help="what to do with the images found (default: relabel)")
+    parser.add_argument("--lr-sweep", type=float, nargs="+", metavar="LR",
+                        help="instead of training, run short runs at these rates and plot loss against steps")
+    parser.add_argument("--sweep-steps", type=int, default=300, help="steps per --lr-sweep run (default: 300)")
+    parser.add_argument("--out", default="checkpoints/trained.ckpt", help="checkpoint path (default: checkpoints/trained.ckpt)")
+    parser.add_argument("--figures", default=FIGURES_DIR, help="folder for figures and JSON reports (default: figures)")
+    parser.add_argument("--resume", action="store_true", help="continue from the resume state next to --out")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; CPU runs are repeatable (default: 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
+    args = parser.parse_args(argv)
+    for key, value in RECIPES[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("epochs", "batch_size", "repair_folds", "repair_epochs", "sweep_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or (args.lr_sweep and min(args.lr_sweep) <= 0):
+        parser.error("learning rates must be positive")
+    if args.repair_folds < 2:
+        parser.error("--repair-folds must be at least 2")
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Data: sampling and batched augmentation
+
+
+def balanced_weights(labels):
+    """Per-sample weight 1 / (count of its class): every class is drawn about equally often."""
+    counts = torch.bincount(labels, minlength=len(CLASSES)).clamp(min=1).double()
+    return 1.0 / counts[labels]
+
+
+def epoch_indices(labels, sampler, generator):
+    """The training order of one epoch: len(labels) draws."""
+    if sampler == "balanced":
+        draws = WeightedRandomSampler(balanced_weights(labels), len(labels), replacement=True, generator=generator)
+        return torch.tensor(list(draws))
+    return torch.randperm(len(labels), generator=generator)
+
+
+def augment_batch(images, generator, max_degrees=10.0, max_shift=0.1, jitter=0.2):
+    """Random horizontal flip, rotation, translation and colour jitter, drawn per image.
+
+    torchvision's transforms draw one set of parameters per call, so on a batched tensor
+    every image would get the same rotation; here the parameters are drawn per image and
+    applied in one affine_grid / grid_sample call, which is what makes augmentation cheap.
+    Images are [N, 3, 32, 32] in [-1, 1]; the result stays in [-1, 1].
+    """
+    from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+    n, device = len(images), images.device
+
+    def uniform(low, high, *shape):
+        return (torch.rand(n, *shape, generator=generator) * (high - low) + low).to(device)
+
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    angle = uniform(-max_degrees, max_degrees) * (math.pi / 180)
+    shift = uniform(-2 * max_shift, 2 * max_shift, 2)  # affine_grid coordinates span [-1, 1]: width 2
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Reflection padding fills the rotated corners with image content instead of a grey frame.
+    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    # Colour jitter as in torchvision's ColorJitter (brightness, contrast, saturation), on
+    # [0, 1] pixels. Grey is linear in the pixels, so one grey image serves all three steps.
+    x = to_unit(x)
+    grey = rgb_to_grayscale(x)
+    brightness = uniform(1 - jitter, 1 + jitter, 1, 1, 1)
+    x, grey = x * brightness, grey * brightness
+    contrast = uniform(1 - jitter, 1 + jitter, 1, 1, 1)
+    mean = grey.mean((1, 2, 3), keepdim=True)
+    x, grey = (x - mean) * contrast + mean, (grey - mean) * contrast + mean
+    saturation = uniform(1 - jitter, 1 + jitter, 1, 1, 1)
+    x = (x - grey) * saturation + grey
+    return x.clamp_(0, 1).mul_(2).sub_(1)
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def make_optimizer(model, args, steps_total):
+    params = model.parameters()
+    if args.optimizer == "adam":
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay) if args.weight_decay \
+            else torch.optim.Adam(params, lr=args.lr)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    if args.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps_total,
+                                                        pct_start=0.15, anneal_strategy="cos")
+    elif args.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_total)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return optimizer, scheduler
+
+
+def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, chunk=1024):
+    """One pass of len(labels) sampled, augmented images; returns the loss of every step.
+
+    Raises FloatingPointError when the loss stops being finite.
+    """
+    model.train()
+    order = epoch_indices(labels, args.sampler, generator)
+    if max_steps is not None:
+        order = order[: max_steps * args.batch_size]
+    losses = []
+    # Augment a chunk of the epoch at a time: one big grid_sample beats many small ones.
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        x_chunk = images[idx].to(device, non_blocking=True)
+        y_chunk = labels[idx].to(device, non_blocking=True)
+        if args.augment:
+            x_chunk = augment_batch(x_chunk, generator)
+        for b in range(0, len(idx), args.batch_size):
+            x, y = x_chunk[b : b + args.batch_size], y_chunk[b : b + args.batch_size]
+            loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at step {len(losses) + 1}")
+            losses.append(value)
+    return losses
+
+
+def steps_per_epoch(n, args, max_steps=None):
+    steps = sum(math.ceil(min(1024, n - s) / args.batch_size) for s in range(0, n, 1024))
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def seeded(seed, *salt):
+    """A generator derived from (seed, salt): each epoch's randomness depends on nothing else,
+    so a resumed run draws exactly what the uninterrupted run would have drawn."""
+    # Python's hash() of strings changes between processes; a digest does not.
+    value = int.from_bytes(hashlib.sha256(repr((seed, *salt)).encode()).digest()[:7], "little")
+    torch.manual_seed(value)  # dropout draws from the global generator
+    return torch.Generator().manual_seed(value)
+
+
+def fit(images, labels, args, device, epochs, salt, progress=False):
+    """Train a fresh model for `epochs` epochs without evaluation or checkpoints (used by repair folds)."""
+    seeded(args.seed, salt, "init")
+    model = build_model(args.model).to(device)
+    optimizer, scheduler = make_optimizer(model, args, epochs * steps_per_epoch(len(labels), args))
+    for epoch in tqdm(range(epochs), desc=f"  {salt}", leave=False, disable=not progress):
+        run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, salt, epoch), device)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Label repair
+
+
+def out_of_fold_probabilities(images, labels, args, device):
+    """Predicted probabilities for every training image from a model that never trained on it."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = StratifiedKFold(n_splits=args.repair_folds, shuffle=True, random_state=args.seed)
+    probs = torch.zeros(len(labels), len(CLASSES))
+    for k, (train_idx, held_idx) in enumerate(folds.split(labels.numpy(), labels.numpy())):
+        train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
+        model = fit(images[train_idx], labels[train_idx], args, device, args.repair_epochs, f"fold{k + 1}")
+        probs[held_idx] = predict_proba(model, images[held_idx], device, flip=True)
+        print(f"  fold {k + 1}/{args.repair_folds}: held-out agreement with given labels "
+              f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f}", file=sys.stderr)
+    return probs
+
+
+def find_label_issues(labels, probs):
+    """Confident learning (cleanlab): indices whose given label is probably wrong, most certain first."""
+    from cleanlab.filter import find_label_issues as cleanlab_find
+
+    return torch.from_numpy(
+        cleanlab_find(labels.numpy(), probs.numpy(), return_indices_ranked_by="self_confidence").copy()
+    ).long()
+
+
+def read_corrections(path, n):
+    """A hand-made list of corrections: [{"index": i, "label": "cat" | 2}, ...]."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--fix-labels {path}: file not found (use auto, none or a JSON file)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--fix-labels {path}: not valid JSON ({e})") from None
+    if isinstance(entries, dict) and "issues" in entries:  # accept our own label_issues.json
+        entries = [{"index": e["index"], "label": e["suggested"]} for e in entries["issues"]]
+    if not isinstance(entries, list):
+        raise UserError(f"--fix-labels {path}: expected a list of {{\"index\": i, \"label\": name}} entries")
+    fixes = {}
+    for k, entry in enumerate(entries):
+        try:
+            index, label = int(entry["index"]), entry["label"]
+            label = CLASSES.index(label) if isinstance(label, str) else int(label)
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"--fix-labels {path}: entry {k} needs an integer index and a label "
+                            f"in {CLASSES} or 0-2") from None
+        if not 0 <= index < n or label not in range(len(CLASSES)):
+            raise UserError(f"--fix-labels {path}: entry {k}: index {index} or label {label} out of range")
+        fixes[index] = label
+    return fixes
+
+
+def plot_flagged(images, given, suggested, confidence, path, limit=40):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(limit, len(given))
+    cols = 8
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k in range(n):
+        ax = axes.flat[k]
+        ax.imshow(to_unit(images[k]).permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_title(f"{CLASSES[given[k]]}\u2192{CLASSES[suggested[k]]}\n{confidence[k]:.2f}", fontsize=8)
+    fig.suptitle(f"Probable label errors (given \u2192 suggested, confidence); {n} of {len(given)} shown")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def repair_labels(images, labels, args, device):
+    """Apply --fix-labels; return (labels to train on, mask of images to keep)."""
+    labels, keep = labels.clone(), torch.ones(len(labels), dtype=torch.bool)
+    if args.fix_labels == "none":
+        return labels, keep
+    if args.fix_labels != "auto":
+        fixes = read_corrections(args.fix_labels, len(labels))
+        for index, label in fixes.items():
+            labels[index] = label
+        print(f"Applied {len(fixes)} label corrections from {args.fix_labels}", file=sys.stderr)
+        return labels, keep
+
+    start = time.time()
+    print(f"Label repair: {args.repair_folds}-fold out-of-fold predictions "
+          f"({args.repair_epochs} epochs per fold) ...", file=sys.stderr)
+    probs = out_of_fold_probabilities(images, labels, args, device)
+    issues = find_label_issues(labels, probs)
+    suggested = probs[issues].argmax(1)
+    confidence = probs[issues, suggested]
+    report = {
+        "method": f"confident learning (cleanlab) on {args.repair_folds}-fold out-of-fold probabilities",
+        "action": args.repair_action,
+        "count": len(issues),
+        "issues": [
+            {"index": int(i), "given": CLASSES[labels[i]], "suggested": CLASSES[s], "confidence": round(float(c), 4)}
+            for i, s, c in zip(issues.tolist(), suggested.tolist(), confidence.tolist())
+        ],
+    }
+    figures = Path(args.figures)
+    atomic_write(figures / "label_issues.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+    plot_flagged(images[issues], labels[issues].tolist(), suggested.tolist(), confidence.tolist(),
+                 figures / "label_issues.png")
+    pairs = {}
+    for g, s in zip(labels[issues].tolist(), suggested.tolist()):
+        pairs[f"{CLASSES[g]}->{CLASSES[s]}"] = pairs.get(f"{CLASSES[g]}->{CLASSES[s]}", 0) + 1
+    print(f"Label repair: {len(issues)} probable label errors {pairs} in {time.time() - start:.0f}s; "
+          f"{args.repair_action} them (list: {figures / 'label_issues.json'})", file=sys.stderr)
+    if args.repair_action == "relabel":
+        labels[issues] = suggested
+    else:
+        keep[issues] = False
+    return labels, keep
+
+
+# ---------------------------------------------------------------------------
+# Learning-rate study
+
+
+def lr_sweep(images, labels, args, device):
+    """Short runs at each rate; a diverged run is recorded and drawn, not fatal."""
+    results = []
+    for lr in args.lr_sweep:
+        run_args = argparse.Namespace(**{**vars(args), "lr": lr, "schedule": "constant"})
+        seeded(args.seed, "sweep", "init")
+        model = build_model(args.model).to(device)
+        optimizer, scheduler = make_optimizer(model, run_args, args.sweep_steps)
+        losses, diverged, generator = [], None, seeded(args.seed, "sweep")
+        with tqdm(total=args.sweep_steps, desc=f"lr {lr:g}", file=sys.stderr) as bar:
+            while len(losses) < args.sweep_steps and diverged is None:
+                try:
+                    losses += run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, device,
+                                        max_steps=args.sweep_steps - len(losses))
+                except FloatingPointError as e:
+                    diverged = str(e)
+                bar.n = len(losses)
+                bar.refresh()
+        tail = losses[-20:]
+        final = sum(tail) / len(tail) if tail else float("nan")
+        results.append({"lr": lr, "losses": losses, "diverged": diverged is not None, "final_loss": final})
+        print(f"lr {lr:<8g} " + (f"diverged after {len(losses)} steps" if diverged else f"final loss {final:.3f}"))
+    figures = Path(args.figures)
+    plot_lr_sweep(results, figures / "lr_sweep.png")
+    atomic_write(figures / "lr_sweep.json", lambda f: f.write(json.dumps(results).encode()))
+    print(f"Saved {figures / 'lr_sweep.png'} and {figures / 'lr_sweep.json'}")
+
+
+def smooth(values, window=20):
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_lr_sweep(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        label = f"lr = {r['lr']:g}" + (" (diverged)" if r["diverged"] else "")
+        if r["losses"]:
+            (line,) = ax.plot(range(1, len(r["losses"]) + 1), smooth(r["losses"]), label=label)
+            if r["diverged"]:
+                ax.plot(len(r["losses"]), smooth(r["losses"])[-1], "x", color=line.get_color(), ms=10, mew=2)
+        else:
+            ax.plot([], [], "x", label=label + ", at step 1")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (moving average of 20 steps)")
+    ax.set_title("Learning-rate study")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The main run: epochs, evaluation, checkpoints, resume
+
+
+def resume_path(out):
+    return Path(out).with_suffix(".resume.pt")
+
+
+RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
+            "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "seed", "data")
+
+
+def load_resume(path, args):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--resume: no resume state at {path} (start without --resume)") from None
+    except Exception as e:
+        raise UserError(f"--resume: {path} is unreadable ({type(e).__name__}); delete it to start over") from None
+    changed = [k for k in RUN_KEYS if state["config"].get(k) != getattr(args, k)]
+    if changed:
+        raise UserError(f"--resume: {path} belongs to a run with other settings ({', '.join(changed)}); "
+                        "use the same flags or start without --resume")
+    return state
+
+
+def plot_training_curves(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [h["loss"] for h in history], label="training loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("Training loss")
+    ax_loss.grid(alpha=0.3)
+    for name in CLASSES:
+        ax_acc.plot(epochs, [h["dev"]["per_class"][name]["accuracy"] for h in history], label=name, alpha=0.8)
+    ax_acc.plot(epochs, [h["dev"]["balanced_accuracy"] for h in history], "k-", lw=2, label="balanced")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("dev accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_title("Dev accuracy per class")
+    ax_acc.legend()
+    ax_acc.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(train_x, train_y, dev_x, dev_y, args, device):
+    from tester import compute_metrics, format_metrics
+
+    state_path = resume_path(args.out)
+    state = load_resume(state_path, args) if args.resume else None
+    if state is not None:
+        all_labels, keep = state["labels"], state["keep"]
+        print(f"Resuming {state_path} after epoch {state['epoch']} of {args.epochs}", file=sys.stderr)
+    else:
+        all_labels, keep = repair_labels(train_x, train_y, args, device)
+    images, labels = train_x[keep], all_labels[keep]
+    print(f"Training {args.model} on {len(labels)} images (labels {dict(zip(CLASSES, class_counts(labels)))}), "
+          f"{args.epochs} epochs, {args.optimizer} lr {args.lr:g} {args.schedule}, batch {args.batch_size}, "
+          f"sampler {args.sampler}, augment {'on' if args.augment else 'off'}, device {device}", file=sys.stderr)
+
+    seeded(args.seed, "main", "init")
+    model = build_model(args.model).to(device)
+    optimizer, scheduler = make_optimizer(model, args, args.epochs * steps_per_epoch(len(labels), args))
+    history, first_epoch = [], 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, first_epoch = state["history"], state["epoch"] + 1
+
+    config = {k: getattr(args, k) for k in RUN_KEYS}
+    start = time.time()
+    bar = tqdm(range(first_epoch, args.epochs + 1), initial=first_epoch - 1, total=args.epochs,
+               desc="epochs", file=sys.stderr)
+    try:
+        for epoch in bar:
+            try:
+                losses = run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, "main", epoch),
+                                   device)
+            except FloatingPointError as e:
+                raise UserError(f"training diverged in epoch {epoch} ({e}): lower the learning rate "
+                                f"(--lr {args.lr:g}); the last good state is in {state_path}") from None
+            dev = compute_metrics(dev_y.numpy(), predict_proba(model, dev_x, device).argmax(1).numpy())
+            history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "dev": dev})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", bal=f"{dev['balanced_accuracy']:.3f}")
+            tqdm.write(f"epoch {epoch:3d}  loss {history[-1]['loss']:.4f}  dev " + "  ".join(
+                f"{n} {dev['per_class'][n]['accuracy']:.3f}" for n in CLASSES) +
+                f"  balanced {dev['balanced_accuracy']:.4f}", file=sys.stderr)
+            # The checkpoint first, then the resume state: a kill between them loses nothing.
+            save_checkpoint(model, args.out)
+            snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                        "labels": all_labels, "keep": keep, "config": config}
+            atomic_write(state_path, lambda f: torch.save(snapshot, f))
+    except KeyboardInterrupt:
+        bar.close()
+        done = history[-1]["epoch"] if history else first_epoch - 1
+        raise UserError(f"interrupted: epoch {done} of {args.epochs} is saved in {state_path}; "
+                        "continue with the same flags plus --resume") from None
+    bar.close()
+    elapsed = time.time() - start
+    plot_training_curves(history, Path(args.figures) / "training_curves.png")
+    final = history[-1]["dev"]
+    summary = {"checkpoint": str(args.out), "config": config, "train_seconds": round(elapsed, 1),
+               "history": history, "final_dev": final}
+    atomic_write(Path(args.figures) / "training.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    print(format_metrics(final))
+    print(f"Saved {args.out} ({elapsed:.0f}s of training) and {Path(args.figures) / 'training_curves.png'}")
+    return model
+
+
+def main():
+    args = parse_args()
+    device = pick_device(args.device)
+    # The sweep never looks at dev data, so it does not need (or build) it.
+    ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
+    train_x, train_y = load_pickle(args.data)
+    if args.lr_sweep:
+        lr_sweep(train_x, train_y, args, device)
+        return
+    dev_x, dev_y = load_pickle(args.dev_data)
+    train(train_x, train_y, dev_x, dev_y, args, device)
+
+
+if __name__ == "__main__":
+    run_main(main)
