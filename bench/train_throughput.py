@@ -74,7 +74,8 @@ def bench_trainer(images, labels, args):
 def bench_naive(images, labels, args):
     model, optimizer = fresh(args)
     model.train()
-    sampler = WeightedRandomSampler(trainer.balanced_weights(labels), len(labels), replacement=True)
+    sampler = WeightedRandomSampler(trainer.balanced_weights(labels), (args.steps + 20) * args.batch_size,
+                                    replacement=True)
     loader = DataLoader(PilDataset(images, labels), batch_size=args.batch_size, sampler=sampler, num_workers=2,
                         persistent_workers=True)
     batches = iter(loader)

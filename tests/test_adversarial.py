@@ -1,0 +1,197 @@
+"""adversarialExample.py: FGSM/PGD against hand computations, evaluation invariants, the script's outputs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import adversarialExample as adv
+from conftest import run_script
+from dataset import CLASSES, load_pickle
+from models import SimpleModel, predict_proba
+
+CAT = CLASSES.index("cat")
+# One thread: these models are tiny, and on a busy 2-core machine a second OpenMP thread
+# that spins while waiting for a core made this file several times slower (34 s vs 5 s).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model():
+    """A small conv net in float64 (no sign ties from rounding), with dropout to catch train mode."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 30 * 30, 3)
+    ).double()
+
+
+def boundary_images(n=4):
+    """Images in [-1, 1] with many pixels at or near the ends, so the clamp must act."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    x[:, :, :8] = 1.0
+    x[:, :, 8:16] = -0.98
+    return x
+
+
+def hand_fgsm(model, image, label, epsilon, target=None):
+    """One image at a time, gradient from torch.autograd.grad, step 2*eps in normalized space."""
+    x = image[None].clone().requires_grad_(True)
+    goal = label if target is None else target
+    loss = F.cross_entropy(model(x), torch.tensor([goal]))
+    (grad,) = torch.autograd.grad(loss, x)
+    direction = grad.sign() if target is None else -grad.sign()
+    return (x + 2 * epsilon * direction).clamp(-1, 1).detach()[0], direction[0]
+
+
+@pytest.mark.parametrize("target", [None, CAT])
+def test_fgsm_matches_hand_computation_with_clamp(target):
+    model = tiny_model()
+    x = boundary_images()
+    y = torch.tensor([0, 1, 2, 0])
+    epsilon = 0.05
+    model.eval()
+    expected = [hand_fgsm(model, x[i], int(y[i]), epsilon, target) for i in range(len(x))]
+    model.train()  # fgsm_perturb must switch dropout off itself, and give train mode back
+    got = adv.fgsm_perturb(model, x, y, epsilon, target=target)
+    assert model.training
+
+    for i, (want, direction) in enumerate(expected):
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-12)
+        unclamped = (x[i] + 0.1 * direction).abs() <= 1
+        assert (~unclamped).sum() > 100  # the clamp really was exercised
+        free = unclamped & (direction != 0)
+        # 2*eps = 0.1 in the [-1, 1] space wherever the clamp did not cut the step short.
+        torch.testing.assert_close((got[i] - x[i]).abs()[free], torch.full((int(free.sum()),), 0.1, dtype=x.dtype))
+    assert got.min() >= -1 and got.max() <= 1
+
+
+def test_pgd_one_full_step_is_fgsm_and_stays_in_the_ball():
+    model = tiny_model().eval()
+    x, y = boundary_images(), torch.tensor([0, 1, 2, 0])
+    one_step = adv.pgd_perturb(model, x, y, 0.05, steps=1, step_size=0.05)
+    torch.testing.assert_close(one_step, adv.fgsm_perturb(model, x, y, 0.05), rtol=0, atol=1e-12)
+
+    g = torch.Generator().manual_seed(0)
+    out = adv.pgd_perturb(model, x, y, 0.03, steps=5, step_size=0.02, random_start=True, generator=g)
+    assert (out - x).abs().max() <= 0.06 + 1e-12
+    assert out.min() >= -1 and out.max() <= 1
+    assert torch.equal(adv.pgd_perturb(model, x, y, 0.0, random_start=True, generator=g), x)
+
+
+def test_choose_examples_is_seeded_covers_classes_and_prefers_fooled():
+    true = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    fooled = torch.tensor([False, True, False, True, False, False, True, False, False])
+    pick = lambda n: adv.choose_examples(true, fooled, n, torch.Generator().manual_seed(3))  # noqa: E731
+    assert pick(3) == pick(3)
+    assert sorted(int(true[i]) for i in pick(3)) == [0, 1, 2]
+    assert all(fooled[i] for i in pick(3) if int(true[i]) in (0, 2))
+    assert len(pick(20)) == len(true)
+
+
+# ---------------------------------------------------------------------------
+# A real (briefly) trained model on small CIFAR-10 data
+
+
+@pytest.fixture(scope="module")
+def trained(small_data, tmp_path_factory):
+    """SimpleModel trained for 250 class-balanced Adam steps; its checkpoint and the dev set."""
+    torch.manual_seed(0)
+    x, y = load_pickle(small_data / "train.pickle")
+    weights = (1.0 / torch.bincount(y, minlength=len(CLASSES)).float())[y]
+    model = SimpleModel()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(250):
+        batch = torch.multinomial(weights, 64, replacement=True)
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ckpt = tmp_path_factory.mktemp("adv") / "trained.ckpt"
+    model.save(ckpt)
+    dev_x, dev_y = load_pickle(small_data / "dev.pickle")
+    return model, ckpt, dev_x, dev_y
+
+
+def _attacks(steps=10):
+    pgd = lambda m, x, y, eps, target=None: adv.pgd_perturb(m, x, y, eps, steps=steps, target=target)  # noqa: E731
+    return {"fgsm": adv.fgsm_perturb, "pgd": pgd}
+
+
+def test_epsilon_zero_gives_clean_accuracy_and_pgd_is_not_weaker(trained):
+    model, _, x, y = trained
+    clean = int((predict_proba(model, x).argmax(1) == y).sum()) / len(y)
+    assert clean > 0.5  # the model did learn: the attack has something to break
+    summary, _ = adv.evaluate(model, _attacks(), x, y, [0.0, 0.01, 0.03], 100, "cpu", progress=False)
+    assert summary["clean_accuracy"] == clean
+    for name, rows in summary["results"].items():
+        assert rows[0]["accuracy_dev"] == clean, name
+        assert rows[0]["accuracy_attacked"] == 1.0, name
+    for fgsm, pgd in zip(summary["results"]["fgsm"], summary["results"]["pgd"]):
+        assert pgd["accuracy_attacked"] <= fgsm["accuracy_attacked"], fgsm["epsilon"]
+    assert summary["results"]["fgsm"][-1]["accuracy_attacked"] < 0.9  # eps 0.03 does hurt
+
+
+def test_targeted_attack_raises_target_probability(trained):
+    model, _, x, y = trained
+    keep = (predict_proba(model, x).argmax(1) == y) & (y != CAT)
+    x, y = x[keep], y[keep]
+    before = predict_proba(model, x)[:, CAT]
+    for attack in _attacks(steps=5).values():
+        after = predict_proba(model, attack(model, x, y, 0.03, target=CAT))[:, CAT]
+        assert after.mean() > before.mean() + 0.05
+        assert (after > before).float().mean() > 0.9
+
+
+def test_script_writes_figures_and_json(trained, small_data, tmp_path):
+    model, ckpt, x, y = trained
+    out = tmp_path / "figs"
+    result = run_script(
+        "adversarialExample.py", "--checkpoint", ckpt, "--data", small_data / "dev.pickle", "--out", out,
+        "--attack", "pgd", "--steps", 3, "--epsilons", 0.03, 0, 0.1, "--examples", 3, "--batch-size", 100,
+        cwd=tmp_path, env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "acc. attacked set" in result.stdout and "acc. dev set" in result.stdout
+    report = json.loads((out / "adversarial.json").read_text())
+    clean = int((predict_proba(model, x).argmax(1) == y).sum()) / len(y)
+    assert report["clean_accuracy"] == pytest.approx(clean)
+    for name in ("fgsm", "pgd"):
+        rows = report["results"][name]
+        assert [r["epsilon"] for r in rows] == [0, 0.03, 0.1]
+        assert rows[0]["accuracy_dev"] == pytest.approx(clean)
+        assert sum(sum(c.values()) for c in rows[1]["flips"].values()) == report["attacked_images"]
+    assert len(report["examples"]) == 3
+    assert sorted(e["true"] for e in report["examples"]) == sorted(CLASSES)
+    pngs = [out / "fgsm_accuracy.png", out / "adversarial" / "overview.png"]
+    pngs += [Path(p) for e in report["examples"] for p in e["files"].values()]
+    assert len(pngs) == 2 + 3 * 4
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epsilons", "0", "-0.1"], "[0, 1]"),
+        (["--epsilons", "1.5"], "[0, 1]"),
+        (["--checkpoint", "nowhere/missing.ckpt"], "trainer.py"),
+        ([], "trainer.py"),  # default checkpoints/trained.ckpt absent in a fresh folder
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    result = run_script("adversarialExample.py", *args, cwd=tmp_path, timeout=120, env=ONE_THREAD)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr
