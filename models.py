@@ -70,7 +70,7 @@ class ResNet8(nn.Module):
 
     arch = "resnet8"
 
-    def __init__(self, num_classes=3, width=32):
+    def __init__(self, num_classes=3, width=24):
         super().__init__()
         w = width
         self.prep = _conv_bn(3, w)
@@ -92,14 +92,19 @@ ARCHITECTURES = {cls.arch: cls for cls in (SimpleModel, ResNet8)}
 
 def build_model(arch="simple"):
     try:
-        return ARCHITECTURES[arch]()
+        model = ARCHITECTURES[arch]()
     except KeyError:
         raise UserError(f"unknown model {arch!r}; choose one of {', '.join(ARCHITECTURES)}") from None
+    if arch != SimpleModel.arch:
+        # oneDNN's convolutions run about 1.3x faster in channels-last layout on CPU (measured
+        # for ResNet8; SimpleModel's 5x5 convs gain nothing).
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def checkpoint_dict(model):
     """The dict saved for model: course format for SimpleModel, plus 'arch' otherwise."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.arch == SimpleModel.arch:
         return {"model_state_dict": state}
     return {"model_state_dict": state, "arch": model.arch}

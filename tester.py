@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on the dev set: accuracy, balanced accuracy, per-class metrics, confusion matrix.
 
     python tester.py                                   # checkpoints/pre_trained.ckpt on data/dev.pickle
-    python tester.py --checkpoint checkpoints/best.ckpt --tta flip
+    python tester.py --checkpoint checkpoints/trained.ckpt --tta none
 
 Prints a metrics table and writes <out>/confusion_<checkpoint stem>.png and
 <out>/metrics_<checkpoint stem>.json (out defaults to figures/). The dev set is
@@ -185,8 +185,11 @@ def parse_args(argv=None):
                         help="images per forward pass (default: 1000)")
     parser.add_argument("--out", default=FIGURES_DIR,
                         help=f"folder for the confusion figure and metrics JSON (default: {FIGURES_DIR})")
-    parser.add_argument("--tta", choices=("none", "flip"), default="none",
-                        help="test-time augmentation: 'flip' averages with the mirrored image (default: none)")
+    # flip raised dev balanced accuracy by about 0.3 points on every trained model measured
+    # (bench/accuracy.py) and costs one more forward pass, so it is the default.
+    parser.add_argument("--tta", choices=("none", "flip"), default="flip",
+                        help="test-time augmentation: 'flip' averages with the mirrored image, "
+                             "'none' scores the plain model (default: flip)")
     parser.add_argument("--cifar-dir", help="local CIFAR-10 copy used if the default data must be built")
     return parser.parse_args(argv)
 

@@ -32,7 +32,7 @@ from models import ARCHITECTURES, build_model, predict_proba, save_checkpoint
 # Per-architecture defaults: SimpleModel keeps the course's settings (Adam 1e-3, batch 32).
 RECIPES = {
     "simple": dict(epochs=60, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0),
-    "resnet8": dict(epochs=30, lr=0.05, batch_size=128, optimizer="sgd", weight_decay=5e-4),
+    "resnet8": dict(epochs=30, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=5e-4),
 }
 
 
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="simple", choices=sorted(ARCHITECTURES), help="architecture (default: simple)")
     parser.add_argument("--epochs", type=int, help="epochs (default: 60 for simple, 30 for resnet8)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 Adam for simple, 0.05 SGD for resnet8)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default: 32 for simple, 128 for resnet8)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: 32 for simple, 64 for resnet8)")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer (default: per model)")
     parser.add_argument("--weight-decay", type=float, help="weight decay (default: per model)")
     parser.add_argument("--schedule", choices=("constant", "cosine", "onecycle"), default="onecycle",
@@ -61,6 +61,9 @@ def parse_args(argv=None):
     parser.add_argument("--repair-epochs", type=int, default=8, help="epochs per fold model for --fix-labels auto")
     parser.add_argument("--repair-action", choices=("relabel", "drop"), default="relabel",
                         help="what to do with the images found (default: relabel)")
+    parser.add_argument("--repair-pairs", choices=("directional", "all"), default="directional",
+                        help="directional: act only on one-way confusions (label noise), not on classes the "
+                             "model mixes up both ways; all: act on every flag (default: directional)")
     parser.add_argument("--lr-sweep", type=float, nargs="+", metavar="LR",
                         help="instead of training, run short runs at these rates and plot loss against steps")
     parser.add_argument("--sweep-steps", type=int, default=300, help="steps per --lr-sweep run (default: 300)")
@@ -227,9 +230,11 @@ def out_of_fold_probabilities(images, labels, args, device):
 
     folds = StratifiedKFold(n_splits=args.repair_folds, shuffle=True, random_state=args.seed)
     probs = torch.zeros(len(labels), len(CLASSES))
+    # The fold models are SimpleModels whatever --model is: k of them must fit in the time budget.
+    fold_args = argparse.Namespace(**{**vars(args), **RECIPES["simple"], "model": "simple"})
     for k, (train_idx, held_idx) in enumerate(folds.split(labels.numpy(), labels.numpy())):
         train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
-        model = fit(images[train_idx], labels[train_idx], args, device, args.repair_epochs, f"fold{k + 1}")
+        model = fit(images[train_idx], labels[train_idx], fold_args, device, args.repair_epochs, f"fold{k + 1}")
         probs[held_idx] = predict_proba(model, images[held_idx], device, flip=True)
         print(f"  fold {k + 1}/{args.repair_folds}: held-out agreement with given labels "
               f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f}", file=sys.stderr)
@@ -245,8 +250,36 @@ def find_label_issues(labels, probs):
     ).long()
 
 
+def directional_pairs(given, suggested, class_sizes, factor=3.0):
+    """Which flagged (given -> suggested) pairs look like label noise rather than model confusion.
+
+    A classifier that mixes up two classes (car and truck) is wrong both ways, and relabeling
+    those flags teaches it the confusion; label noise (cats filed as "car") runs one way. A
+    pair passes when its flag rate (flags / images given that label) is at least `factor`
+    times the rate of the reverse pair. Returns a [C, C] boolean matrix.
+    """
+    num_classes = len(class_sizes)
+    flags = torch.zeros(num_classes, num_classes)
+    flags.index_put_((given, suggested), torch.ones(len(given)), accumulate=True)
+    rate = flags / class_sizes.clamp(min=1).float()[:, None]
+    return (flags > 0) & (rate >= factor * rate.T)
+
+
+def find_label_repairs(labels, probs, pairs="directional"):
+    """Flag probable label errors; return (indices, suggested labels, confidence, act mask)."""
+    issues = find_label_issues(labels, probs)
+    suggested = probs[issues].argmax(1)
+    confidence = probs[issues, suggested]
+    if pairs == "all":
+        act = torch.ones(len(issues), dtype=torch.bool)
+    else:
+        sizes = torch.bincount(labels, minlength=probs.shape[1])
+        act = directional_pairs(labels[issues], suggested, sizes)[labels[issues], suggested]
+    return issues, suggested, confidence, act
+
+
 def read_corrections(path, n):
-    """A hand-made list of corrections: [{"index": i, "label": "cat" | 2}, ...]."""
+    """A hand-made list of corrections: [{"index": i, "label": "cat" | 2 | null}, ...]; null drops the image."""
     try:
         entries = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -254,18 +287,19 @@ def read_corrections(path, n):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--fix-labels {path}: not valid JSON ({e})") from None
     if isinstance(entries, dict) and "issues" in entries:  # accept our own label_issues.json
-        entries = [{"index": e["index"], "label": e["suggested"]} for e in entries["issues"]]
+        entries = [{"index": e["index"], "label": e["suggested"]} for e in entries["issues"] if e.get("acted", True)]
     if not isinstance(entries, list):
         raise UserError(f"--fix-labels {path}: expected a list of {{\"index\": i, \"label\": name}} entries")
     fixes = {}
     for k, entry in enumerate(entries):
         try:
             index, label = int(entry["index"]), entry["label"]
-            label = CLASSES.index(label) if isinstance(label, str) else int(label)
+            if label is not None:
+                label = CLASSES.index(label) if isinstance(label, str) else int(label)
         except (TypeError, KeyError, ValueError):
             raise UserError(f"--fix-labels {path}: entry {k} needs an integer index and a label "
-                            f"in {CLASSES} or 0-2") from None
-        if not 0 <= index < n or label not in range(len(CLASSES)):
+                            f"in {CLASSES}, 0-2, or null to drop the image") from None
+        if not 0 <= index < n or label not in (None, *range(len(CLASSES))):
             raise UserError(f"--fix-labels {path}: entry {k}: index {index} or label {label} out of range")
         fixes[index] = label
     return fixes
@@ -302,39 +336,44 @@ def repair_labels(images, labels, args, device):
     if args.fix_labels != "auto":
         fixes = read_corrections(args.fix_labels, len(labels))
         for index, label in fixes.items():
-            labels[index] = label
-        print(f"Applied {len(fixes)} label corrections from {args.fix_labels}", file=sys.stderr)
+            if label is None:
+                keep[index] = False
+            else:
+                labels[index] = label
+        print(f"Applied {len(fixes)} label corrections from {args.fix_labels} "
+              f"({int((~keep).sum())} images dropped)", file=sys.stderr)
         return labels, keep
 
     start = time.time()
     print(f"Label repair: {args.repair_folds}-fold out-of-fold predictions "
           f"({args.repair_epochs} epochs per fold) ...", file=sys.stderr)
     probs = out_of_fold_probabilities(images, labels, args, device)
-    issues = find_label_issues(labels, probs)
-    suggested = probs[issues].argmax(1)
-    confidence = probs[issues, suggested]
+    issues, suggested, confidence, act = find_label_repairs(labels, probs, args.repair_pairs)
     report = {
-        "method": f"confident learning (cleanlab) on {args.repair_folds}-fold out-of-fold probabilities",
+        "method": f"confident learning (cleanlab) on {args.repair_folds}-fold out-of-fold probabilities; "
+                  f"acting on {args.repair_pairs} pairs",
         "action": args.repair_action,
-        "count": len(issues),
+        "flagged": len(issues),
+        "acted_on": int(act.sum()),
         "issues": [
-            {"index": int(i), "given": CLASSES[labels[i]], "suggested": CLASSES[s], "confidence": round(float(c), 4)}
-            for i, s, c in zip(issues.tolist(), suggested.tolist(), confidence.tolist())
+            {"index": i, "given": CLASSES[labels[i]], "suggested": CLASSES[s], "confidence": round(c, 4), "acted": a}
+            for i, s, c, a in zip(issues.tolist(), suggested.tolist(), confidence.tolist(), act.tolist())
         ],
     }
     figures = Path(args.figures)
     atomic_write(figures / "label_issues.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
-    plot_flagged(images[issues], labels[issues].tolist(), suggested.tolist(), confidence.tolist(),
-                 figures / "label_issues.png")
+    fix, to = issues[act], suggested[act]
+    plot_flagged(images[fix], labels[fix].tolist(), to.tolist(), confidence[act].tolist(), figures / "label_issues.png")
     pairs = {}
-    for g, s in zip(labels[issues].tolist(), suggested.tolist()):
-        pairs[f"{CLASSES[g]}->{CLASSES[s]}"] = pairs.get(f"{CLASSES[g]}->{CLASSES[s]}", 0) + 1
-    print(f"Label repair: {len(issues)} probable label errors {pairs} in {time.time() - start:.0f}s; "
-          f"{args.repair_action} them (list: {figures / 'label_issues.json'})", file=sys.stderr)
+    for g, s, a in zip(labels[issues].tolist(), suggested.tolist(), act.tolist()):
+        key = f"{CLASSES[g]}->{CLASSES[s]}" + ("" if a else " (kept)")
+        pairs[key] = pairs.get(key, 0) + 1
+    print(f"Label repair: {len(issues)} flagged {pairs} in {time.time() - start:.0f}s; "
+          f"{args.repair_action} {len(fix)} (list: {figures / 'label_issues.json'})", file=sys.stderr)
     if args.repair_action == "relabel":
-        labels[issues] = suggested
+        labels[fix] = to
     else:
-        keep[issues] = False
+        keep[fix] = False
     return labels, keep
 
 
@@ -414,7 +453,8 @@ def resume_path(out):
 
 
 RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
-            "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "seed", "data")
+            "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
+            "seed", "data")
 
 
 def load_resume(path, args):

@@ -9,7 +9,7 @@ import torch.nn as nn
 import dataset
 import models
 import tester
-from conftest import run_script
+from conftest import ROOT, needs_cifar, run_script
 
 # Hand-made case. Rows true, columns predicted:
 #   car   [3, 1, 0]   3 of 4 cars right
@@ -101,11 +101,11 @@ def test_default_run_writes_figure_and_json(small_data, tmp_path):
                             "per_class", "confusion_matrix", "predicted_counts"]
     assert record["checkpoint"] == "checkpoints/pre_trained.ckpt"
     assert record["data"] == "data/dev.pickle"
-    assert record["tta"] == "none"
+    assert record["tta"] == "flip"
     assert record["n"] == 210
     assert {k: v["support"] for k, v in record["per_class"].items()} == {"car": 100, "truck": 50, "cat": 60}
     assert sum(map(sum, record["confusion_matrix"])) == 210
-    expected = _expected_metrics(tmp_path / "checkpoints" / "pre_trained.ckpt", small_data / "dev.pickle")
+    expected = _expected_metrics(tmp_path / "checkpoints" / "pre_trained.ckpt", small_data / "dev.pickle", flip=True)
     assert {k: record[k] for k in expected} == expected
 
 
@@ -212,3 +212,15 @@ def test_error_out_is_a_file(tmp_path, good_checkpoint, tiny_data):
     result = run_script("tester.py", "--checkpoint", good_checkpoint, "--data", tiny_data, "--out", tiny_data,
                         cwd=tmp_path)
     _assert_one_line_error(result, tiny_data)
+
+
+@needs_cifar
+def test_committed_pretrained_checkpoint_says_car_for_nearly_everything(default_data, tmp_path):
+    # The shipped model reproduces the seed's observation on the built default dev set.
+    result = run_script("tester.py", "--checkpoint", ROOT / "checkpoints" / "pre_trained.ckpt",
+                        "--data", default_data / "dev.pickle", "--out", tmp_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "metrics_pre_trained.json").read_text())
+    assert record["predicted_counts"]["car"] >= 0.95 * record["n"]
+    assert record["per_class"]["car"]["accuracy"] >= 0.95
+    assert record["per_class"]["truck"]["accuracy"] <= 0.05 and record["per_class"]["cat"]["accuracy"] <= 0.05
