@@ -165,8 +165,9 @@ def make_optimizer(model, args, steps_total):
     return optimizer, scheduler
 
 
-def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, chunk=1024):
-    """One pass of len(labels) sampled, augmented images; returns the loss of every step.
+def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, losses=None):
+    """One pass of len(labels) sampled, augmented images; returns the loss of every step
+    (appended to `losses` when given, so a caller keeps them if the epoch fails).
 
     Raises FloatingPointError when the loss stops being finite.
     """
@@ -174,8 +175,9 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
     order = epoch_indices(labels, args.sampler, generator)
     if max_steps is not None:
         order = order[: max_steps * args.batch_size]
-    losses = []
-    # Augment a chunk of the epoch at a time: one big grid_sample beats many small ones.
+    losses = [] if losses is None else losses
+    # Augment about 1,024 images at a time (whole batches): one big grid_sample beats many small ones.
+    chunk = args.batch_size * max(1, 1024 // args.batch_size)
     for start in range(0, len(order), chunk):
         idx = order[start : start + chunk]
         x_chunk = images[idx].to(device, non_blocking=True)
@@ -191,14 +193,9 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
             scheduler.step()
             value = loss.item()
             if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {len(losses) + 1}")
+                raise FloatingPointError(f"loss became {value} at step {len(losses) + 1} of the epoch")
             losses.append(value)
     return losses
-
-
-def steps_per_epoch(n, args, max_steps=None):
-    steps = sum(math.ceil(min(1024, n - s) / args.batch_size) for s in range(0, n, 1024))
-    return steps if max_steps is None else min(steps, max_steps)
 
 
 def seeded(seed, *salt):
@@ -210,12 +207,12 @@ def seeded(seed, *salt):
     return torch.Generator().manual_seed(value)
 
 
-def fit(images, labels, args, device, epochs, salt, progress=False):
+def fit(images, labels, args, device, epochs, salt):
     """Train a fresh model for `epochs` epochs without evaluation or checkpoints (used by repair folds)."""
     seeded(args.seed, salt, "init")
     model = build_model(args.model).to(device)
-    optimizer, scheduler = make_optimizer(model, args, epochs * steps_per_epoch(len(labels), args))
-    for epoch in tqdm(range(epochs), desc=f"  {salt}", leave=False, disable=not progress):
+    optimizer, scheduler = make_optimizer(model, args, epochs * math.ceil(len(labels) / args.batch_size))
+    for epoch in tqdm(range(epochs), desc=f"  {salt} epochs", leave=False, file=sys.stderr):
         run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, salt, epoch), device)
     return model
 
@@ -381,6 +378,9 @@ def repair_labels(images, labels, args, device):
 # Learning-rate study
 
 
+SWEEP_EXPLODED = 10  # a sweep run has diverged once its loss exceeds 10x its first loss
+
+
 def lr_sweep(images, labels, args, device):
     """Short runs at each rate; a diverged run is recorded and drawn, not fatal."""
     results = []
@@ -393,16 +393,23 @@ def lr_sweep(images, labels, args, device):
         with tqdm(total=args.sweep_steps, desc=f"lr {lr:g}", file=sys.stderr) as bar:
             while len(losses) < args.sweep_steps and diverged is None:
                 try:
-                    losses += run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, device,
-                                        max_steps=args.sweep_steps - len(losses))
-                except FloatingPointError as e:
-                    diverged = str(e)
+                    run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, device,
+                              max_steps=args.sweep_steps - len(losses), losses=losses)
+                except FloatingPointError:
+                    diverged = f"loss became NaN or infinite at step {len(losses) + 1}"
                 bar.n = len(losses)
                 bar.refresh()
+        # A loss that explodes far above where it started has diverged too, even if it stays
+        # finite (and later sinks back to a network that predicts one class).
+        exploded = next((i for i, v in enumerate(losses) if v > SWEEP_EXPLODED * losses[0]), None)
+        if exploded is not None and diverged is None:
+            diverged = f"loss exploded to {losses[exploded]:.3g} at step {exploded + 1}"
+            losses = losses[: exploded + 1]
         tail = losses[-20:]
         final = sum(tail) / len(tail) if tail else float("nan")
-        results.append({"lr": lr, "losses": losses, "diverged": diverged is not None, "final_loss": final})
-        print(f"lr {lr:<8g} " + (f"diverged after {len(losses)} steps" if diverged else f"final loss {final:.3f}"))
+        results.append({"lr": lr, "losses": losses, "diverged": diverged is not None, "why": diverged,
+                        "final_loss": final})
+        print(f"lr {lr:<8g} " + (f"diverged: {diverged}" if diverged else f"final loss {final:.3f}"))
     figures = Path(args.figures)
     plot_lr_sweep(results, figures / "lr_sweep.png")
     atomic_write(figures / "lr_sweep.json", lambda f: f.write(json.dumps(results).encode()))
@@ -424,14 +431,18 @@ def plot_lr_sweep(results, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Cap the axis just above the divergence threshold, so an exploded run (1e7) does not
+    # flatten the curves that matter; its cross sits at the top edge instead.
+    top = 1.5 * SWEEP_EXPLODED * max((r["losses"][0] for r in results if r["losses"]), default=1.0)
     for r in results:
         label = f"lr = {r['lr']:g}" + (" (diverged)" if r["diverged"] else "")
         if r["losses"]:
             (line,) = ax.plot(range(1, len(r["losses"]) + 1), smooth(r["losses"]), label=label)
             if r["diverged"]:
-                ax.plot(len(r["losses"]), smooth(r["losses"])[-1], "x", color=line.get_color(), ms=10, mew=2)
+                ax.plot(len(r["losses"]), min(r["losses"][-1], top), "x", color=line.get_color(), ms=10, mew=2)
         else:
             ax.plot([], [], "x", label=label + ", at step 1")
+    ax.set_ylim(top=top)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (moving average of 20 steps)")
@@ -516,7 +527,7 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
 
     seeded(args.seed, "main", "init")
     model = build_model(args.model).to(device)
-    optimizer, scheduler = make_optimizer(model, args, args.epochs * steps_per_epoch(len(labels), args))
+    optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(labels) / args.batch_size))
     history, first_epoch = [], 1
     if state is not None:
         model.load_state_dict(state["model"])

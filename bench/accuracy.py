@@ -2,6 +2,7 @@
 
     python bench/accuracy.py                      # all configurations (about 20 minutes on 2 CPU cores)
     python bench/accuracy.py --only seed default  # a subset, by name
+    python bench/accuracy.py --seeds 0 1 2        # mean over seeds (runs vary by about 1 point)
 
 Each configuration runs `trainer.py` with a fixed seed on the built data, then `tester.py`
 on the dev set (plain and with flip averaging). Prints a table of per-class and balanced
@@ -40,42 +41,50 @@ def run(cmd):
     return result
 
 
-def evaluate(name, flags, work, args):
-    ckpt = work / f"{name}.ckpt"
+def evaluate(name, flags, seed, work, args):
+    """Train one configuration with one seed; dev accuracies plain and with flip TTA, and wall time."""
+    ckpt = work / f"{name}_{seed}.ckpt"
     start = time.time()
-    run([sys.executable, str(ROOT / "trainer.py"), "--seed", str(args.seed), "--data", args.data,
+    run([sys.executable, str(ROOT / "trainer.py"), "--seed", str(seed), "--data", args.data,
          "--dev-data", args.dev_data, "--out", str(ckpt), "--figures", str(work / name), *flags])
-    seconds = time.time() - start
-    row = {"name": name, "flags": " ".join(flags), "seconds": round(seconds, 1)}
+    row = {"name": name, "seed": seed, "flags": " ".join(flags), "seconds": round(time.time() - start, 1)}
     for tta in ("none", "flip"):
         run([sys.executable, str(ROOT / "tester.py"), "--checkpoint", str(ckpt), "--data", args.dev_data,
              "--out", str(work / name), "--tta", tta])
-        metrics = json.loads((work / name / f"metrics_{name}.json").read_text())
+        metrics = json.loads((work / name / f"metrics_{ckpt.stem}.json").read_text())
         row[tta] = {c: metrics["per_class"][c]["accuracy"] for c in CLASSES}
         row[tta]["balanced"] = metrics["balanced_accuracy"]
     return row
 
 
+def mean(rows, *keys):
+    values = []
+    for row in rows:
+        for key in keys:
+            row = row[key]
+        values.append(row)
+    return sum(values) / len(values)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="configurations to run (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to average over (default: 0)")
     parser.add_argument("--data", default=TRAIN_PATH)
     parser.add_argument("--dev-data", default=DEV_PATH)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     ensure_data(args.data, args.dev_data)
     rows = []
-    header = (f"{'configuration':<12} {'car':>6} {'truck':>6} {'cat':>6} {'balanced':>9} {'+flip TTA':>10} "
-              f"{'time':>7}")
-    print(header)
+    print(f"dev accuracy, mean over seeds {args.seeds}")
+    print(f"{'configuration':<12} {'car':>6} {'truck':>6} {'cat':>6} {'balanced':>9} {'+flip TTA':>10} {'time':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or CONFIGS:
-            row = evaluate(name, CONFIGS[name][0], Path(tmp), args)
-            rows.append(row)
-            plain = row["none"]
-            print(f"{name:<12} {plain['car']:6.3f} {plain['truck']:6.3f} {plain['cat']:6.3f} {plain['balanced']:9.4f} "
-                  f"{row['flip']['balanced']:10.4f} {row['seconds']:6.0f}s", flush=True)
+            runs = [evaluate(name, CONFIGS[name][0], seed, Path(tmp), args) for seed in args.seeds]
+            rows += runs
+            print(f"{name:<12} " + " ".join(f"{mean(runs, 'none', c):6.3f}" for c in CLASSES) +
+                  f" {mean(runs, 'none', 'balanced'):9.4f} {mean(runs, 'flip', 'balanced'):10.4f}"
+                  f" {mean(runs, 'seconds'):5.0f}s", flush=True)
     for name in args.only or CONFIGS:
         print(f"  {name}: {CONFIGS[name][1]}")
     if args.json:

@@ -82,12 +82,28 @@ def test_label_repair_finds_planted_errors(tmp_path):
     assert (tmp_path / "label_issues.png").stat().st_size > 0
 
 
+def test_directional_filter_keeps_one_way_noise_and_skips_two_way_confusion():
+    # 100 cars, 100 trucks, 100 cats. Flags: 30 car->cat (one way: noise), 10 car->truck and
+    # 12 truck->car (two-way confusion), 2 cat->car.
+    sizes = torch.tensor([100, 100, 100])
+    pairs = [(0, 2)] * 30 + [(0, 1)] * 10 + [(1, 0)] * 12 + [(2, 0)] * 2
+    given, suggested = torch.tensor(pairs).T
+    ok = trainer.directional_pairs(given, suggested, sizes)
+    assert ok[0, 2] and not ok[0, 1] and not ok[1, 0] and not ok[2, 0]
+    # Rates, not counts: 10 flags out of 1,000 cars are rarer than 12 out of 100 trucks.
+    ok = trainer.directional_pairs(given, suggested, torch.tensor([1000, 100, 100]))
+    assert ok[1, 0] and not ok[0, 1]
+
+
 def test_label_repair_from_a_file_and_drop(tmp_path):
     labels = torch.tensor([0, 0, 1, 2])
     fixes = tmp_path / "fixes.json"
     fixes.write_text(json.dumps([{"index": 1, "label": "cat"}, {"index": 2, "label": 0}]))
     repaired, keep = trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
     assert repaired.tolist() == [0, 2, 0, 2] and keep.all()
+    fixes.write_text(json.dumps([{"index": 3, "label": None}]))
+    _, keep = trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
+    assert keep.tolist() == [True, True, True, False]
     fixes.write_text(json.dumps([{"index": 9, "label": "cat"}]))
     with pytest.raises(trainer.UserError, match="entry 0"):
         trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
