@@ -122,11 +122,13 @@ def augment_batch(images, generator, max_degrees=10.0, max_shift=0.1, jitter=0.2
     flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
     angle = uniform(-max_degrees, max_degrees) * (math.pi / 180)
     shift = uniform(-2 * max_shift, 2 * max_shift, 2)  # affine_grid coordinates span [-1, 1]: width 2
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack(
-        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    flip, dx, dy = flip[:, None, None], shift[:, 0, None, None], shift[:, 1, None, None]
+    # The sampling grid of F.affine_grid, built by broadcasting: half the time of its batched matmul.
+    h, w = images.shape[-2:]
+    ys = ((torch.arange(h, device=device) * 2 + 1) / h - 1)[None, :, None]
+    xs = ((torch.arange(w, device=device) * 2 + 1) / w - 1)[None, None, :]
+    grid = torch.stack([cos * flip * xs - sin * ys + dx, sin * flip * xs + cos * ys + dy], -1)
     # Reflection padding fills the rotated corners with image content instead of a grey frame.
     x = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
