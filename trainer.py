@@ -444,8 +444,9 @@ def plot_lr_sweep(results, path):
                 ax.plot(len(r["losses"]), min(r["losses"][-1], top), "x", color=line.get_color(), ms=10, mew=2)
         else:
             ax.plot([], [], "x", label=label + ", at step 1")
-    ax.set_ylim(top=top)
     ax.set_yscale("log")
+    low = min((min(smooth(r["losses"])) for r in results if r["losses"]), default=top / 10)
+    ax.set_ylim(0.8 * min(low, top / 10), top)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (moving average of 20 steps)")
     ax.set_title("Learning-rate study")
