@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import CLASSES, DEV_PATH, UserError, atomic_write, ensure_data, from_unit, load_pickle, pick_device, \
-    run_main, to_unit
+    pyplot, run_main, save_figure, to_unit
 from models import load_model, predict_proba
 
 DEFAULT_CHECKPOINT = "checkpoints/trained.ckpt"
@@ -218,23 +218,9 @@ def choose_examples(true, fooled, count, generator):
 # Figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path):
-    plt = _pyplot()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-
 
 def _save_png(path, array, **kwargs):
-    plt = _pyplot()
+    plt = pyplot()
     atomic_write(path, lambda f: plt.imsave(f, array, format="png", **kwargs))
 
 
@@ -275,7 +261,7 @@ def draw_panel(ax_row, original, noise, distorted, probs, true_name, attack_labe
 
 def save_examples(out_dir, examples, epsilon, attack_label, target=None):
     """Per example: the three images as 32x32 PNGs and one annotated panel; plus an overview."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A previous run may have drawn more examples; its leftovers would pass for this run's.
@@ -301,7 +287,7 @@ def save_examples(out_dir, examples, epsilon, attack_label, target=None):
         fig.suptitle(f"{attack_label}, ε = {epsilon:g} (pixel scale): {outcome}",
                      fontsize=10)
         fig.subplots_adjust(left=0.02, right=0.98, bottom=0.04, top=0.75, wspace=0.05)
-        _save_figure(fig, files["panel"])
+        save_figure(fig, files["panel"])
         records.append({
             "dev_index": ex["dev_index"], "true": ex["true"], "attack_succeeded": fooled,
             "clean": _caption(ex["probs"][0]), "noise": _caption(ex["probs"][1]),
@@ -314,12 +300,12 @@ def save_examples(out_dir, examples, epsilon, attack_label, target=None):
                        target)
         fig.suptitle(f"original + {epsilon:g} × noise = distorted ({attack_label})", fontsize=10)
         fig.tight_layout()
-        _save_figure(fig, out_dir / "overview.png")
+        save_figure(fig, out_dir / "overview.png")
     return records
 
 
 def plot_accuracy(summary, path, target=None, titles=None):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = {"fgsm": "tab:blue", "pgd": "tab:red"}
     for name, rows in summary["results"].items():
@@ -340,7 +326,7 @@ def plot_accuracy(summary, path, target=None, titles=None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------

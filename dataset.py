@@ -404,14 +404,27 @@ def class_counts(labels):
 
 
 # ---------------------------------------------------------------------------
-# Insights (seed section 1)
+# Figures (shared by every script) and insights (seed section 1)
 
 
-def plot_class_balance(counts, path, title):
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures render headless, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi=120):
+    """Write fig as a PNG atomically (creating the folder) and free it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    pyplot().close(fig)
+
+
+def plot_class_balance(counts, path, title):
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bars = ax.bar(CLASSES, counts, color=["tab:blue", "tab:orange", "tab:green"])
@@ -420,16 +433,11 @@ def plot_class_balance(counts, path, title):
     ax.set_title(title)
     ax.margins(y=0.12)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_samples(images, labels, path, per_class=8, seed=0, title="Training images by given label"):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     generator = torch.Generator().manual_seed(seed)
     fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(per_class * 1.1, len(CLASSES) * 1.25))
@@ -444,9 +452,7 @@ def plot_samples(images, labels, path, per_class=8, seed=0, title="Training imag
         axes[cls, 0].text(-4, 16, name, ha="right", va="center", fontsize=11)
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def insights(train_path, dev_path, figures_dir):

@@ -11,6 +11,7 @@ cats, and labels that are probably wrong (cats labeled "car") are found with con
 learning on out-of-fold predictions and relabeled before the final training.
 """
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from dataset import (
     CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, UserError, atomic_write, class_counts, ensure_data,
-    load_pickle, pick_device, run_main, to_unit,
+    load_pickle, pick_device, pyplot, run_main, save_figure, to_unit,
 )
 from models import ARCHITECTURES, build_model, predict_proba, save_checkpoint
 
@@ -305,10 +306,7 @@ def read_corrections(path, n):
 
 
 def plot_flagged(images, given, suggested, confidence, path, limit=40):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = min(limit, len(given))
     cols = 8
@@ -322,9 +320,7 @@ def plot_flagged(images, given, suggested, confidence, path, limit=40):
         ax.set_title(f"{CLASSES[given[k]]}\u2192{CLASSES[suggested[k]]}\n{confidence[k]:.2f}", fontsize=8)
     fig.suptitle(f"Probable label errors (given \u2192 suggested, confidence); {n} of {len(given)} shown")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def repair_labels(images, labels, args, device):
@@ -363,11 +359,9 @@ def repair_labels(images, labels, args, device):
     atomic_write(figures / "label_issues.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
     fix, to = issues[act], suggested[act]
     plot_flagged(images[fix], labels[fix].tolist(), to.tolist(), confidence[act].tolist(), figures / "label_issues.png")
-    pairs = {}
-    for g, s, a in zip(labels[issues].tolist(), suggested.tolist(), act.tolist()):
-        key = f"{CLASSES[g]}->{CLASSES[s]}" + ("" if a else " (kept)")
-        pairs[key] = pairs.get(key, 0) + 1
-    print(f"Label repair: {len(issues)} flagged {pairs} in {time.time() - start:.0f}s; "
+    pairs = collections.Counter(f"{CLASSES[g]}->{CLASSES[s]}" + ("" if a else " (kept)")
+                                for g, s, a in zip(labels[issues].tolist(), suggested.tolist(), act.tolist()))
+    print(f"Label repair: {len(issues)} flagged {dict(pairs)} in {time.time() - start:.0f}s; "
           f"{args.repair_action} {len(fix)} (list: {figures / 'label_issues.json'})", file=sys.stderr)
     if args.repair_action == "relabel":
         labels[fix] = to
@@ -427,10 +421,7 @@ def smooth(values, window=20):
 
 
 def plot_lr_sweep(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Cap the axis just above the divergence threshold, so an exploded run (1e7) does not
@@ -453,9 +444,7 @@ def plot_lr_sweep(results, path):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -486,10 +475,7 @@ def load_resume(path, args):
 
 
 def plot_training_curves(history, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -508,9 +494,7 @@ def plot_training_curves(history, path):
     ax_acc.legend()
     ax_acc.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def train(train_x, train_y, dev_x, dev_y, args, device):

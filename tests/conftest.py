@@ -32,6 +32,14 @@ def run_script(script, *args, cwd, timeout=600, env=None):
     )
 
 
+def assert_one_error_line(result, *needles):
+    """A user mistake: non-zero exit, one stderr line naming the culprit, no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), result.stderr
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """A small course-like set from real CIFAR-10 photos: data/{train,dev}.pickle + manifest."""

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import dataset
-from conftest import cifar_dir, needs_cifar, run_script
+from conftest import assert_one_error_line, cifar_dir, needs_cifar, run_script
 from dataset import UserError, build_from_cifar, class_counts, load_pickle, save_pickle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -468,10 +468,7 @@ def test_ensure_data_with_a_missing_source_stops_with_one_error(tmp_path, monkey
 
 def test_cli_build_with_missing_cifar_dir_is_one_error_line(tmp_path):
     result = run_script("dataset.py", "build", "--cifar-dir", tmp_path / "no_such_dir", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no_such_dir" in lines[0], result.stderr
+    assert_one_error_line(result, "no_such_dir")
     assert not (tmp_path / "data").exists()
 
 
@@ -494,10 +491,7 @@ def test_cli_insights_prints_counts_and_saves_figures(small_data, tmp_path):
 
 def test_cli_insights_with_a_missing_data_file_is_one_error_line(tmp_path):
     result = run_script("dataset.py", "insights", "--data", tmp_path / "mine.pickle", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "mine.pickle" in lines[0], result.stderr
+    assert_one_error_line(result, "mine.pickle")
 
 
 # ---------------------------------------------------------------------------
