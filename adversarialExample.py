@@ -24,7 +24,6 @@ Writes to --out (default figures/):
   fgsm_accuracy.png              accuracy against epsilon (FGSM, and PGD with --attack pgd)
   adversarial.json               all numbers, including "what did it flip to" counts
 """
-import argparse
 import contextlib
 import functools
 import json
@@ -35,8 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import CLASSES, DEV_PATH, UserError, atomic_write, ensure_data, from_unit, load_pickle, pick_device, \
-    pyplot, run_main, save_figure, to_unit
+from cli import (
+    ArgumentParser, UserError, atomic_write, check_output_dir, float_in, int_in, pick_device,
+    positive_int, run_main, seed_type,
+)
+from dataset import CLASSES, DEV_PATH, ensure_data, from_unit, load_pickle, pyplot, save_figure, to_unit
 from models import load_model, predict_proba
 
 DEFAULT_CHECKPOINT = "checkpoints/trained.ckpt"
@@ -369,53 +371,41 @@ def print_tables(summary, target=None, titles=None):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
+    eps_type = float_in(0, 1)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help=f"model to attack (default: {DEFAULT_CHECKPOINT}, written by trainer.py)")
     parser.add_argument("--data", default=DEV_PATH, help=f"images to attack (default: {DEV_PATH})")
     parser.add_argument("--cifar-dir", help="local CIFAR-10 copy, used if the default data must be built")
     parser.add_argument("--out", default="figures", help="output folder (default: figures)")
-    parser.add_argument("--epsilons", type=float, nargs="+", default=list(DEFAULT_EPSILONS), metavar="EPS",
+    parser.add_argument("--epsilons", type=eps_type, nargs="+", default=list(DEFAULT_EPSILONS), metavar="EPS",
                         help="attack strengths on the [0, 1] pixel scale, each in [0, 1] (default: "
                              f"{' '.join(f'{e:g}' for e in DEFAULT_EPSILONS)}); the model's [-1, 1] inputs move "
                              "by 2*EPS")
     parser.add_argument("--attack", choices=("fgsm", "pgd"), default="fgsm",
                         help="fgsm: one signed-gradient step; pgd: iterated FGSM, evaluated next to FGSM "
                              "(default: fgsm)")
-    parser.add_argument("--steps", type=int, default=10, help="PGD steps (default: 10)")
-    parser.add_argument("--step-size", type=float,
+    parser.add_argument("--steps", type=int_in(1, 10_000), default=10, help="PGD steps (default: 10)")
+    parser.add_argument("--step-size", type=float_in(0, 1, low_open=True),
                         help="PGD step on the [0, 1] pixel scale (default: epsilon / 4)")
     parser.add_argument("--random-start", action="store_true", help="PGD starts at a random point of the ε-ball")
     parser.add_argument("--target", choices=CLASSES,
                         help="targeted attack: push images of the other classes toward this class")
-    parser.add_argument("--examples", type=int, default=6,
+    parser.add_argument("--examples", type=int_in(0, 1000), default=6,
                         help="example images to draw, spread over the classes (default: 6)")
-    parser.add_argument("--example-epsilon", type=float, default=0.03,
+    parser.add_argument("--example-epsilon", type=eps_type, default=0.03,
                         help="ε of the drawn examples, pixel scale (default: 0.03, about 8/255)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for example choice and PGD starts (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=250, help="images per attack batch (default: 250)")
+    parser.add_argument("--seed", type=seed_type, default=0,
+                        help="seed for example choice and PGD starts, 0 to 2**32-1 (default: 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=250, help="images per attack batch (default: 250)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     return parser.parse_args(argv)
 
 
-def check_args(args):
-    for eps in [*args.epsilons, args.example_epsilon]:
-        if not 0 <= eps <= 1:  # also rejects nan
-            raise UserError(f"epsilon {eps:g} is outside [0, 1]: ε is on the [0, 1] pixel scale (e.g. 0.03)")
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: PGD needs at least one step")
-    if args.step_size is not None and not 0 < args.step_size <= 1:
-        raise UserError(f"--step-size {args.step_size:g} must be in (0, 1] on the pixel scale")
-    if args.examples < 0:
-        raise UserError(f"--examples {args.examples} must not be negative")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
-
-
 def main():
     args = parse_args()
-    check_args(args)
     device = pick_device(args.device)
+    out = check_output_dir(args.out, "--out")
     if not Path(args.checkpoint).exists():
         raise UserError(f"{args.checkpoint}: no such checkpoint; train one with `python trainer.py` "
                         "or pass --checkpoint PATH")
@@ -438,7 +428,6 @@ def main():
     print(f"\n{len(epsilons)} epsilons × {', '.join(titles[a] for a in attacks)} on "
           f"{summary['attacked_images']} images took {seconds:.1f} s on {device}")
 
-    out = Path(args.out)
     plot_accuracy(summary, out / "fgsm_accuracy.png", target, titles)
 
     # Examples: chosen among images the shown attack fools at --example-epsilon where possible.

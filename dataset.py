@@ -7,8 +7,11 @@ A course data pickle is a list of (image, label) tuples: image is a float32 tens
 [3, 32, 32] normalized as (x - 0.5) / 0.5, label an int in {0: car, 1: truck, 2: cat}.
 In memory a set is held as one image tensor [N, 3, 32, 32] plus one label tensor [N],
 so training and evaluation slice batches instead of collating thousands of tensors.
+
+The course's own names (MyDataset, get_dataset_as_array, get_dataset_as_torch_dataset,
+un_normalize_image, label_names) are here too, as thin wrappers over the safe loader, so
+code written against the course's dataset.py runs unchanged.
 """
-import argparse
 import codecs
 import collections
 import io
@@ -16,10 +19,14 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
+
+from cli import (
+    ArgumentParser, UserError, atomic_write, check_output_dir, int_in, read_input_file, run_main, seed_type,
+)
 
 CLASSES = ("car", "truck", "cat")
 # CIFAR-10 folder names and label ids of the three classes, in the project's label order.
@@ -39,89 +46,254 @@ DEFAULT_MISLABELED = 600
 VALUE_TOLERANCE = 1e-3
 
 
-class UserError(Exception):
-    """An expected mistake by the user (bad path, bad file, bad flag): shown as one line."""
-
-
-def run_main(main):
-    """Run a script's main(): user mistakes become one 'error:' line and exit status 1."""
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # `python tester.py | head` closed the pipe: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(0)
-
-
-def pick_device(name=None):
-    """The requested torch device, or CUDA when available, else CPU."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device name (use cpu, cuda or cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but torch sees no CUDA GPU; use --device cpu")
-    return device
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file next to path, then rename it over path.
-
-    A crash or kill -9 mid-write leaves the old file intact instead of a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------
 # Reading and writing course pickles
 
 
-def _load_storage_bytes(data):
-    # Stands in for torch.storage._load_from_bytes, which would unpickle the storage
-    # with weights_only=False; weights_only=True cannot run code from the file.
-    return torch.load(io.BytesIO(data), weights_only=True)
+# Untrusted files are parsed here, not handed to pickle or torch.load: every global a file
+# may name is on an allowlist, and every size it declares is checked against the bytes it
+# actually holds before anything is allocated.
 
 
-# Everything a pickled list of (tensor, int) needs, and nothing else.
-_ALLOWED_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("_codecs", "encode"): codecs.encode,  # protocols 0-2 write bytes through it
-}
+class UnsafeFile(Exception):
+    """A file that names something it may not (code, an unknown type) or claims more than it holds."""
 
 
-class _CourseUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allowlisted globals.
+
+    Reads from the file's bytes in memory. A BINBYTES opcode that declares more than the file
+    holds fails as truncated; before that, Python's C unpickler reserves the declared length
+    (untouched address space, not memory), which under an address-space limit is a
+    MemoryError, reported like any other broken file.
+    """
+
+    def __init__(self, file, allowed, what, persistent_load=None):
+        super().__init__(file)
+        self.allowed, self.what = allowed, what
+        if persistent_load is not None:
+            self.persistent_load = persistent_load
+
     def find_class(self, module, name):
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name}: a course data pickle holds only tensors and ints"
-            ) from None
+            raise UnsafeFile(f"it refers to {module}.{name}, which a {self.what} never holds "
+                             "(loading it could run code)") from None
 
 
-def _check_items(items, path):
+class _Storage:
+    """A storage read from a file: a 1-D tensor that tensors may view, within its bounds."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class _StorageType:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+_STORAGE_TYPES = {
+    f"{name}Storage": _StorageType(dtype) for name, dtype in (
+        ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16),
+        ("BFloat16", torch.bfloat16), ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16),
+        ("Char", torch.int8), ("Byte", torch.uint8), ("Bool", torch.bool),
+    )
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy (non-zip) serialization
+_LEGACY_PROTOCOL = 1001
+MAX_TENSOR_DIMS = 8
+
+
+def _whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stands in for torch._utils._rebuild_tensor(_v2): a view of a storage read from the file,
+    after checking that every element it reaches lies inside that storage."""
+    if not isinstance(storage, _Storage):
+        raise UnsafeFile("a tensor is built from something that is not a storage")
+    size, stride = tuple(size) if isinstance(size, (tuple, list)) else size, \
+        tuple(stride) if isinstance(stride, (tuple, list)) else stride
+    if not (_whole(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) <= MAX_TENSOR_DIMS
+            and all(_whole(v) and v >= 0 for v in (*size, *stride))):
+        raise UnsafeFile(f"a tensor has an invalid layout (offset {offset!r}, size {size!r}, stride {stride!r})")
+    n = storage.tensor.numel()
+    if all(size):
+        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+        if last >= n:
+            raise UnsafeFile(f"a tensor of size {list(size)} reaches element {last} of a storage of {n} elements")
+    elif offset > n:
+        raise UnsafeFile(f"a tensor starts at element {offset} of a storage of {n} elements")
+    if backward_hooks or metadata:
+        raise UnsafeFile("a tensor carries autograd hooks or Python attributes")
+    tensor = storage.tensor.as_strided(size, stride, offset)
+    if requires_grad is True and tensor.is_floating_point():
+        tensor.requires_grad_(True)  # reported with its item index by the validation
+    elif requires_grad is not False:
+        raise UnsafeFile(f"a tensor has requires_grad={requires_grad!r}")
+    return tensor
+
+
+def rebuild_parameter(data, requires_grad, backward_hooks, *extra):
+    """torch._utils._rebuild_parameter: a state_dict saved from named_parameters() holds these."""
+    if backward_hooks or extra and extra[0]:
+        raise UnsafeFile("a parameter carries autograd hooks or Python attributes")
+    return data
+
+
+def read_legacy_torch(data, allowed, what):
+    """The object in torch's legacy (non-zip) serialization format, read within bounds.
+
+    The layout: pickles of a magic number, a protocol version and system info; the object,
+    whose storages are persistent ids (type, key, location, element count); the list of
+    storage keys; then per storage an int64 element count and the raw little-endian bytes.
+    torch's own reader allocates each storage at the count it declares before reading its
+    data, so a few bytes can demand gigabytes; here the declared sizes together may not
+    exceed the file's size, and each storage's data must match its declaration exactly.
+    """
+    f = io.BytesIO(data)
+
+    def plain_pickle():
+        return _RestrictedUnpickler(f, {}, what).load()
+
+    try:
+        torch_format = plain_pickle() == _LEGACY_MAGIC and plain_pickle() == _LEGACY_PROTOCOL
+    except Exception:  # anything else at the start of the file
+        torch_format = False
+    if not torch_format:
+        raise UnsafeFile("not in torch's serialization format")
+    info = plain_pickle()
+    if not isinstance(info, dict) or info.get("little_endian") is not True:
+        raise UnsafeFile("written on a big-endian machine or with unknown system info; not supported")
+    storages, claimed = {}, 0
+
+    def persistent_load(saved_id):
+        nonlocal claimed
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 6 and saved_id[0] == "storage"):
+            raise UnsafeFile(f"unknown persistent object {str(saved_id)[:60]}")
+        _, kind, key, _location, numel, view = saved_id  # location is ignored: data always lands on the CPU
+        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not _whole(numel) or numel < 0:
+            raise UnsafeFile("a storage has an invalid declaration")
+        if view is not None:
+            raise UnsafeFile("storage views are not supported")
+        if key in storages:
+            known = storages[key].tensor
+            if known.dtype != kind.dtype or known.numel() != numel:
+                raise UnsafeFile(f"storage {key} is declared twice, differently")
+            return storages[key]
+        nbytes = numel * kind.dtype.itemsize
+        claimed += nbytes
+        if claimed > len(data):
+            raise UnsafeFile(f"its storages claim {claimed:,} bytes but the {what} is only {len(data):,} bytes")
+        storages[key] = _Storage(torch.empty(numel, dtype=kind.dtype))
+        return storages[key]
+
+    obj = _RestrictedUnpickler(f, {**allowed, **{("torch", n): t for n, t in _STORAGE_TYPES.items()}}, what,
+                               persistent_load).load()
+    keys = plain_pickle()
+    if not isinstance(keys, list) or sorted(keys) != sorted(storages) or len(set(keys)) != len(keys):
+        raise UnsafeFile("its list of storages does not match the storages it uses")
+    for key in keys:
+        tensor = storages[key].tensor
+        count = int.from_bytes(f.read(8), "little", signed=True)
+        if count != tensor.numel():
+            raise UnsafeFile(f"storage {key} declares {tensor.numel()} elements but its data says {count}")
+        nbytes = count * tensor.element_size()
+        raw = f.read(nbytes)
+        if len(raw) != nbytes:
+            raise UnsafeFile(f"storage {key} is truncated ({len(raw)} of {nbytes} bytes)")
+        if nbytes:
+            tensor.view(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    if f.read(1):
+        raise UnsafeFile("unexpected bytes after the last storage")
+    return obj
+
+
+class Budget:
+    """Bytes a file may make the loader materialize, per kind: no more than the file holds."""
+
+    def __init__(self, limit):
+        self.limit, self.used = limit, collections.Counter()
+
+    def take(self, kind, nbytes):
+        self.used[kind] += nbytes
+        if self.used[kind] > self.limit:
+            raise UnsafeFile(f"it would expand to more than its own size ({self.limit:,} bytes) of {kind}; "
+                             "a course data pickle never does")
+
+
+# Each tensor object is charged this many bytes of the file: an image takes 12,288 bytes of
+# pickled data and a label tensor about 400, so no real file comes near it, while a file
+# that rebuilds one shared storage millions of times (a few bytes of pickle each) runs out.
+TENSOR_OBJECT_COST = 256
+IMAGE_BYTES = 3 * 32 * 32 * 4
+
+
+def tensor_globals(budget):
+    """The globals a pickled tensor needs (rebuilt within bounds), each tensor charged to budget."""
+
+    def rebuild_tensor(*args):
+        budget.take("tensor objects", TENSOR_OBJECT_COST)
+        return _rebuild_tensor(*args)
+
+    return {
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): rebuild_tensor,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+
+def _course_globals(budget):
+    """Everything a pickled list of (tensor, int) needs, and nothing else, each within the budget."""
+
+    def latin1_encode(text, encoding="latin1"):
+        # Pickle protocols 0-2 write bytes as _codecs.encode(str, 'latin1'); other codecs
+        # ('hex', 'base64', nested) would let a few bytes expand without bound.
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise UnsafeFile(f"it encodes {type(text).__name__} data with codec {encoding!r}")
+        budget.take("decoded bytes", len(text))
+        return codecs.encode(text, "latin1")
+
+    def load_storage_bytes(data):
+        # Stands in for torch.storage._load_from_bytes, which would unpickle with weights_only=False.
+        if not isinstance(data, bytes):
+            raise UnsafeFile("a storage is not stored as bytes")
+        budget.take("tensor data", len(data))
+        storage = read_legacy_torch(data, {}, "tensor storage")
+        if not isinstance(storage, _Storage):
+            raise UnsafeFile("a storage blob holds something other than one storage")
+        return storage
+
+    return {
+        **tensor_globals(budget),
+        ("torch.storage", "_load_from_bytes"): load_storage_bytes,
+        ("_codecs", "encode"): latin1_encode,
+    }
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _check_label(label, where):
+    """A course label: a Python int 0-2, or a 0-d integer tensor holding one."""
+    if isinstance(label, torch.Tensor):
+        if label.dim() != 0 or label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+            raise UserError(f"{where}: label is {_describe(label)}, expected an int 0 (car), 1 (truck) or 2 (cat)")
+        label = int(label)
+    if not _whole(label) or label not in (0, 1, 2):
+        raise UserError(f"{where}: label {str(repr(label))[:40]} ({type(label).__name__}) is not an int "
+                        "0 (car), 1 (truck) or 2 (cat)")
+    return label
+
+
+def _check_items(items, path, file_size):
     """Validate a loaded course list; return (images [N,3,32,32] float32, labels [N] int64)."""
     if not isinstance(items, (list, tuple)):
         raise UserError(f"{path}: expected a list of (image, label) tuples, found {type(items).__name__}")
@@ -131,25 +303,30 @@ def _check_items(items, path):
     for i, item in enumerate(items):
         where = f"{path}: item {i}"
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise UserError(f"{where} is not an (image, label) pair")
+            raise UserError(f"{where} is not an (image, label) pair (found {_describe(item)})")
         image, label = item
         if not isinstance(image, torch.Tensor):
-            raise UserError(f"{where}: image is a {type(image).__name__}, expected a torch tensor")
+            raise UserError(f"{where}: image is {_describe(image)}, expected a float32 tensor [3, 32, 32]")
         if tuple(image.shape) != (3, 32, 32):
             raise UserError(f"{where}: image has shape {list(image.shape)}, expected [3, 32, 32]")
-        if not image.is_floating_point():
-            raise UserError(f"{where}: image has dtype {image.dtype}, expected float32 in [-1, 1]")
-        if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
-            label = int(label)
-        if not isinstance(label, int) or isinstance(label, bool) or label not in (0, 1, 2):
-            raise UserError(f"{where}: label {label!r} is not one of 0 (car), 1 (truck), 2 (cat)")
-        labels.append(label)
-    images = torch.stack([image for image, _ in items]).float()
-    finite = torch.isfinite(images).flatten(1).all(1)
+        if image.dtype != torch.float32:
+            raise UserError(f"{where}: image has dtype {image.dtype}, expected torch.float32 in [-1, 1]")
+        if image.requires_grad:
+            raise UserError(f"{where}: image has requires_grad=True (autograd state); expected a plain tensor")
+        labels.append(_check_label(label, where))
+    if len(items) * IMAGE_BYTES > file_size:
+        # Each image needs its 12,288 bytes in the file; more items means images reused by reference,
+        # which would make stacking allocate far more than the file holds.
+        raise UserError(f"{path}: refused: {len(items):,} items would need {len(items) * IMAGE_BYTES:,} bytes of "
+                        f"images but the file holds {file_size:,}; the items share data by reference, which no "
+                        "course data pickle does")
+    images = torch.stack([image for image, _ in items])
+    # One pass gives both checks: NaN propagates through min and max, and inf shows up in them.
+    low, high = torch.aminmax(images.flatten(1), dim=1)
+    finite = torch.isfinite(low) & torch.isfinite(high)
     if not finite.all():
         i = int((~finite).nonzero()[0])
         raise UserError(f"{path}: item {i}: image holds NaN or infinite values")
-    low, high = images.flatten(1).amin(1), images.flatten(1).amax(1)
     bad = (low < -1 - VALUE_TOLERANCE) | (high > 1 + VALUE_TOLERANCE)
     if bad.any():
         i = int(bad.nonzero()[0])
@@ -161,25 +338,87 @@ def _check_items(items, path):
 
 
 def load_pickle(path):
-    """Load a course data pickle without running code from it; return (images, labels)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such data file (run `python dataset.py build` or pass --data)")
+    """Load a course data pickle without running code from it; return (images, labels).
+
+    Memory stays bounded by the file: decoded bytes, tensor data and tensor objects may each
+    total at most the file's size, and the stacked set must fit in it too, so a loader
+    never holds more than about three times the file (its bytes, the items, the stacked set).
+    """
+    data = read_input_file(path, "data", hint=" (run `python dataset.py build` or pass --data)")
+    if data[:4] == b"PK\x03\x04":
+        raise UserError(f"{path}: a torch.save() zip archive, not a course data pickle (a pickle.dump of a list "
+                        "of (image, label) tuples)")
+    budget = Budget(len(data))
     try:
-        with open(path, "rb") as f:
-            items = _CourseUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: not a course data pickle: {e}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError, OSError) as e:
-        raise UserError(f"{path}: unreadable or truncated data pickle ({type(e).__name__}: {e})") from None
-    return _check_items(items, path)
+        items = _RestrictedUnpickler(io.BytesIO(data), _course_globals(budget), "course data pickle").load()
+    except UnsafeFile as e:
+        raise UserError(f"{path}: refused: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: refused: nested too deeply for a course data pickle") from None
+    except Exception as e:  # a broken file can fail inside unpickling in many ways; all mean the same
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path}: unreadable or truncated data pickle ({type(e).__name__}: {detail})") from None
+    return _check_items(items, path, len(data))
+
+
+def as_course_list(images, labels):
+    """A list of (image [3,32,32] float32, int label): the course's in-memory format.
+
+    Each image is its own copy: a view would pickle the whole shared storage every time.
+    """
+    return [(image.clone(), int(label)) for image, label in zip(images.float(), labels)]
 
 
 def save_pickle(path, images, labels):
     """Write (images, labels) as a course data pickle: a list of (tensor [3,32,32], int)."""
-    # One clone per image: a view would pickle the whole shared storage every time.
-    items = [(image.clone(), int(label)) for image, label in zip(images.float(), labels)]
+    items = as_course_list(images, labels)
     atomic_write(path, lambda f: pickle.dump(items, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+# ---------------------------------------------------------------------------
+# The course's dataset API: code written against the course's dataset.py runs unchanged.
+
+
+def label_names():
+    """{0: 'car', 1: 'truck', 2: 'cat'}"""
+    return dict(enumerate(CLASSES))
+
+
+class MyDataset(Dataset):
+    """The course's Dataset over a list of (image, label) items.
+
+    A transform, when given, receives the whole (image, label) item, as in the course.
+    """
+
+    def __init__(self, the_list, transform=None):
+        self.the_list = the_list
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.the_list)
+
+    def __getitem__(self, idx):
+        item = self.the_list[idx]
+        return self.transform(item) if self.transform else item
+
+
+def get_dataset_as_array(path=TRAIN_PATH):
+    """The course data pickle at path as a list of (FloatTensor [3, 32, 32], int), loaded safely."""
+    return as_course_list(*load_pickle(path))
+
+
+def get_dataset_as_torch_dataset(path=TRAIN_PATH, transform=None):
+    """MyDataset over get_dataset_as_array(path): ready for a DataLoader."""
+    return MyDataset(get_dataset_as_array(path), transform)
+
+
+def un_normalize_image(img):
+    """A normalized image [3, H, W] as an H x W x 3 numpy array in [0, 1], for imshow."""
+    import numpy as np
+
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().numpy()
+    return np.transpose(np.asarray(img) / 2 + 0.5, (1, 2, 0))
 
 
 def to_unit(images):
@@ -304,6 +543,7 @@ def build_from_cifar(
         raise UserError("train and dev sets must each hold at least one image")
 
     if source is None:
+        check_output_dir(out_dir, "--out-dir")  # before a 170 MB download
         batches, tree = _download_cifar(out_dir), None
         source_name = "torchvision CIFAR-10 download"
     else:
@@ -317,6 +557,7 @@ def build_from_cifar(
                 f"train/{{{','.join(CIFAR_NAMES)}}}/*.jpg"
             )
         source_name = str(root)
+        check_output_dir(out_dir, "--out-dir")  # before minutes of decoding
 
     generator = torch.Generator().manual_seed(seed)
     if batches is not None:
@@ -472,19 +713,22 @@ def insights(train_path, dev_path, figures_dir):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build train/dev pickles and manifest.json from CIFAR-10")
+    build = sub.add_parser("build", help="build train/dev pickles and manifest.json from CIFAR-10",
+                           description="Build data/train.pickle, data/dev.pickle and data/manifest.json from CIFAR-10.")
+    count = int_in(0, 5000)  # CIFAR-10's training split holds 5,000 images per class
     build.add_argument("--cifar-dir", help="local CIFAR-10 copy (default: $CIFAR10_DIR, else download)")
     build.add_argument("--out-dir", default="data", help="where to write the pickles (default: data)")
-    build.add_argument("--seed", type=int, default=0, help="selection and noise seed (default: 0)")
-    build.add_argument("--train-counts", type=int, nargs=3, metavar=("CAR", "TRUCK", "CAT"),
+    build.add_argument("--seed", type=seed_type, default=0, help="selection and noise seed (default: 0)")
+    build.add_argument("--train-counts", type=count, nargs=3, metavar=("CAR", "TRUCK", "CAT"),
                        default=DEFAULT_TRAIN_COUNTS, help="true class counts of train (default: 4000 400 2000)")
-    build.add_argument("--dev-counts", type=int, nargs=3, metavar=("CAR", "TRUCK", "CAT"),
+    build.add_argument("--dev-counts", type=count, nargs=3, metavar=("CAR", "TRUCK", "CAT"),
                        default=DEFAULT_DEV_COUNTS, help="class counts of dev (default: 1000 250 500)")
-    build.add_argument("--mislabeled", type=int, default=DEFAULT_MISLABELED,
+    build.add_argument("--mislabeled", type=count, default=DEFAULT_MISLABELED,
                        help="training cats labeled 'car' (default: 600)")
-    show = sub.add_parser("insights", help="print class counts and save class-balance and sample figures")
+    show = sub.add_parser("insights", help="print class counts and save class-balance and sample figures",
+                          description="Print class counts; save figures/class_balance.png and figures/samples.png.")
     show.add_argument("--data", default=TRAIN_PATH, help=f"training pickle (default: {TRAIN_PATH})")
     show.add_argument("--dev-data", default=DEV_PATH, help=f"dev pickle (default: {DEV_PATH})")
     show.add_argument("--figures", default=FIGURES_DIR, help="output folder (default: figures)")
@@ -499,6 +743,7 @@ def main():
             cifar_source(args.cifar_dir), args.out_dir, args.seed, args.train_counts, args.dev_counts, args.mislabeled
         )
     else:
+        check_output_dir(args.figures, "--figures")
         ensure_data(args.data, args.dev_data, cifar_dir=args.cifar_dir)
         insights(args.data, args.dev_data, args.figures)
 

@@ -3,18 +3,56 @@
 SimpleModel checkpoints use the course format, {'model_state_dict': state_dict}, so
 course code can read them. Other architectures add an 'arch' key naming themselves;
 load_model() reads either, and a bare state_dict too.
+
+The course's API works unchanged: `net = SimpleModel(); net.load(path)` loads the weights
+into net (and returns it), `net.save(path)` writes the course format. Every load goes
+through read_checkpoint(): torch's weights-only loader (zip checkpoints, after checking the
+archive cannot expand past its size and its checksums hold) or the project's own bounded
+reader (legacy checkpoints), then an architecture check and a check that every weight is
+finite, so a corrupted or diverged file is refused instead of scoring as a real model.
 """
+import functools
+import io
 import pickle
 import warnings
+import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import UserError, atomic_write
+from cli import UserError, atomic_write, read_input_file
+from dataset import Budget, UnsafeFile, rebuild_parameter, read_legacy_torch, tensor_globals
 
 
-class SimpleModel(nn.Module):
+class _LoadMethod:
+    """`net.load(path)` loads the checkpoint into net and returns net: the course's API, which
+    leaves net's train/eval mode as it was. `SimpleModel.load(path)` returns a new model in
+    eval mode, and `SimpleModel.load(net, path)` loads into net. No call leaves random weights.
+    """
+
+    def __get__(self, instance, owner):
+        if instance is not None:
+            return functools.partial(load_weights, instance)
+
+        def load(model_or_path, path=None):
+            if isinstance(model_or_path, nn.Module):
+                return load_weights(model_or_path, path)
+            return load_weights(owner(), model_or_path).eval()
+
+        return load
+
+
+class Checkpointed(nn.Module):
+    """save(path) and load(path) for every architecture, in the course's style."""
+
+    load = _LoadMethod()
+
+    def save(self, path):
+        save_checkpoint(self, path)
+
+
+class SimpleModel(Checkpointed):
     """The course's CNN; parameter names are part of the checkpoint format."""
 
     arch = "simple"
@@ -37,16 +75,6 @@ class SimpleModel(nn.Module):
         x = self.dropout(F.relu(self.fc2(x)))
         return self.fc3(x)
 
-    def save(self, path):
-        save_checkpoint(self, path)
-
-    @classmethod
-    def load(cls, path, map_location="cpu"):
-        model = load_model(path, map_location)
-        if not isinstance(model, cls):
-            raise UserError(f"{path}: holds a {model.arch!r} model, not a SimpleModel")
-        return model
-
 
 def _conv_bn(c_in, c_out):
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
@@ -61,7 +89,7 @@ class _Residual(nn.Module):
         return x + self.body(x)
 
 
-class ResNet8(nn.Module):
+class ResNet8(Checkpointed):
     """A small residual batch-norm CNN for 32x32 inputs on a CPU budget.
 
     ResNet-9 layout (prep conv, then pool-as-you-go stages with residual blocks at
@@ -82,9 +110,6 @@ class ResNet8(nn.Module):
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
         return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
-
-    def save(self, path):
-        save_checkpoint(self, path)
 
 
 ARCHITECTURES = {cls.arch: cls for cls in (SimpleModel, ResNet8)}
@@ -127,7 +152,7 @@ def _describe_mismatch(model, state):
     shapes = [
         f"{k} {list(state[k].shape)} != {list(v.shape)}"
         for k, v in expected.items()
-        if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape
+        if k in state and state[k].shape != v.shape
     ]
     parts = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
@@ -137,42 +162,127 @@ def _describe_mismatch(model, state):
     return "; ".join(parts)
 
 
-def load_model(path, map_location="cpu"):
-    """Load a checkpoint (course format, 'arch'-tagged, or a bare state_dict) into its model."""
+def _check_zip(data, path):
+    """A zip checkpoint may not expand past its own size, and its checksums must hold.
+
+    torch.save stores entries uncompressed; a compressed entry could inflate without bound
+    (a zip bomb), and a CRC mismatch means bytes changed after saving (corruption that would
+    otherwise load as garbage weights).
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+            compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+            if compressed:
+                raise UserError(f"{path}: refused: compressed entries ({compressed[0]}); torch.save never "
+                                "compresses, and a compressed entry could expand without bound")
+            total = sum(e.file_size for e in entries)
+            if total > len(data):
+                raise UserError(f"{path}: refused: its entries claim {total:,} bytes but the file holds "
+                                f"{len(data):,}")
+            bad = archive.testzip()
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {e})") from None
+    if bad is not None:
+        raise UserError(f"{path}: corrupted: the checksum of {bad} does not match its data")
+
+
+def _torch_load(data, path):
+    """torch.load(weights_only=True) on a checked zip checkpoint, with torch's errors in one line."""
     try:
         with warnings.catch_warnings():
-            # torch warns about the pickle protocol before failing on a file that is no
-            # checkpoint at all; the one-line error below already says what went wrong.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a checkpoint file") from None
+            warnings.simplefilter("ignore")  # the one-line error below already says what went wrong
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
+        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
             raise UserError(f"{path}: refused: the file holds objects other than tensors, and loading them "
                             "could run code; only weight checkpoints are accepted") from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle)") from None
     except Exception as e:  # torch raises many types for corrupt files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = " ".join(str(e).split())[:120] or type(e).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def read_torch_file(path, what):
+    """The object in a torch.save() zip file, loaded weights-only within the zip checks above."""
+    data = read_input_file(path, what)
+    if data[:4] != b"PK\x03\x04":
+        raise UserError(f"{path}: not a {what} written by torch.save")
+    _check_zip(data, path)
+    return _torch_load(data, path)
+
+
+def read_checkpoint(path):
+    """(state_dict, arch or None) from a checkpoint file, loaded without running code from it.
+
+    Accepts the course format {'model_state_dict': state}, an 'arch'-tagged dict, or a bare
+    state_dict; zip (torch >= 1.6) or legacy serialization.
+    """
+    data = read_input_file(path, "checkpoint")
+    if data[:4] == b"PK\x03\x04":
+        _check_zip(data, path)
+        ckpt = _torch_load(data, path)
+    else:
+        try:
+            # What a legacy checkpoint may name: tensors, parameters, ordered dicts.
+            allowed = {**tensor_globals(Budget(len(data))), ("torch._utils", "rebuild_parameter"): rebuild_parameter}
+            ckpt = read_legacy_torch(data, allowed, "checkpoint")
+        except UnsafeFile as e:
+            if "serialization format" in str(e):
+                raise UserError(f"{path}: not a PyTorch checkpoint") from None
+            raise UserError(f"{path}: refused: {e}") from None
+        except Exception as e:  # broken bytes fail inside unpickling in many ways
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
         state, arch = ckpt["model_state_dict"], ckpt.get("arch")
     else:
         state, arch = ckpt, None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict")
-    if arch is None:
-        arch = _guess_arch(state) or SimpleModel.arch
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise UserError(f"{path}: unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})")
-    model = ARCHITECTURES[arch]()
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict of tensors")
+    if arch is not None and (not isinstance(arch, str) or arch not in ARCHITECTURES):
+        raise UserError(f"{path}: unknown architecture {str(arch)[:40]!r} (known: {', '.join(ARCHITECTURES)})")
+    return state, arch
+
+
+def check_state_dict(model, state, where):
+    """Refuse a state_dict that does not fit model or holds non-finite or wrongly typed values."""
     mismatch = _describe_mismatch(model, state)
     if mismatch:
-        raise UserError(f"{path}: not a {ARCHITECTURES[arch].__name__} checkpoint: {mismatch}")
+        raise UserError(f"{where}: not a {type(model).__name__} checkpoint: {mismatch}")
+    for key, expected in model.state_dict().items():
+        value = state[key]
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            raise UserError(f"{where}: tensor {key} is not a plain dense tensor ({value.layout}, {value.device})")
+        if expected.is_floating_point():
+            if not value.is_floating_point():
+                raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected floating point")
+            if not torch.isfinite(value).all():
+                raise UserError(f"{where}: tensor {key} holds NaN or infinite values: the checkpoint is corrupted "
+                                "or comes from a diverged run")
+        elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected {expected.dtype}")
+
+
+def load_weights(model, path):
+    """Load the checkpoint at path into model (in place) and return model."""
+    state, arch = read_checkpoint(path)
+    if arch is not None and arch != model.arch:
+        raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r})")
+    check_state_dict(model, state, path)
     model.load_state_dict(state)
-    return model.eval()
+    return model
+
+
+def load_model(path, map_location="cpu"):
+    """The model in a checkpoint (course format, 'arch'-tagged, or a bare state_dict), in eval mode."""
+    state, arch = read_checkpoint(path)
+    arch = arch or _guess_arch(state) or SimpleModel.arch
+    model = ARCHITECTURES[arch]()
+    check_state_dict(model, state, path)
+    model.load_state_dict(state)
+    return model.to(map_location).eval()
 
 
 @torch.no_grad()

@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
-from dataset import (
-    CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, UserError, atomic_write, class_counts, ensure_data,
-    load_pickle, pick_device, pyplot, run_main, save_figure, to_unit,
+from cli import (
+    ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, exclusive_lock,
+    float_in, int_in, pick_device, read_input_file, run_main, seed_type,
 )
-from models import ARCHITECTURES, build_model, predict_proba, save_checkpoint
+from dataset import (
+    CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, class_counts, ensure_data, load_pickle, pyplot, save_figure, to_unit,
+)
+from models import ARCHITECTURES, build_model, check_state_dict, predict_proba, read_torch_file, save_checkpoint
 
 # Per-architecture defaults: SimpleModel keeps the course's settings (Adam 1e-3, batch 32).
 RECIPES = {
@@ -38,19 +41,20 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
+    lr_type = float_in(0, math.inf, low_open=True)
     parser.add_argument("--data", default=TRAIN_PATH, help=f"training pickle (default: {TRAIN_PATH})")
     parser.add_argument("--dev-data", default=DEV_PATH, help=f"dev pickle for per-epoch scores (default: {DEV_PATH})")
     parser.add_argument("--cifar-dir", help="local CIFAR-10 copy used if the default data must be built")
     parser.add_argument("--model", default="simple", choices=sorted(ARCHITECTURES), help="architecture (default: simple)")
-    parser.add_argument("--epochs", type=int, help="epochs (default: 60 for simple, 30 for resnet8)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 Adam for simple, 0.05 SGD for resnet8)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default: 32 for simple, 64 for resnet8)")
+    parser.add_argument("--epochs", type=int_in(1, 100_000), help="epochs (default: 60 for simple, 30 for resnet8)")
+    parser.add_argument("--lr", type=lr_type, help="peak learning rate (default: 1e-3 Adam for simple, 0.05 SGD for resnet8)")
+    parser.add_argument("--batch-size", type=int_in(1, 65536), help="batch size (default: 32 for simple, 64 for resnet8)")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer (default: per model)")
-    parser.add_argument("--weight-decay", type=float, help="weight decay (default: per model)")
+    parser.add_argument("--weight-decay", type=float_in(0, 1), help="weight decay (default: per model)")
     parser.add_argument("--schedule", choices=("constant", "cosine", "onecycle"), default="onecycle",
                         help="learning-rate schedule (default: onecycle)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0)")
+    parser.add_argument("--label-smoothing", type=float_in(0, 1, high_open=True), default=0.0, help="cross-entropy label smoothing (default: 0)")
     parser.add_argument("--sampler", choices=("balanced", "none"), default="balanced",
                         help="balanced: WeightedRandomSampler, weight 1/class count; none: plain shuffling")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -58,32 +62,26 @@ def parse_args(argv=None):
     parser.add_argument("--fix-labels", default="auto", metavar="auto|none|FILE",
                         help="auto: find and relabel probable label errors; none: keep labels; FILE: JSON list of "
                              "{index, label} corrections (default: auto)")
-    parser.add_argument("--repair-folds", type=int, default=4, help="cross-validation folds for --fix-labels auto")
-    parser.add_argument("--repair-epochs", type=int, default=8, help="epochs per fold model for --fix-labels auto")
+    parser.add_argument("--repair-folds", type=int_in(2, 100), default=4, help="cross-validation folds for --fix-labels auto")
+    parser.add_argument("--repair-epochs", type=int_in(1, 10_000), default=8, help="epochs per fold model for --fix-labels auto")
     parser.add_argument("--repair-action", choices=("relabel", "drop"), default="relabel",
                         help="what to do with the images found (default: relabel)")
     parser.add_argument("--repair-pairs", choices=("directional", "all"), default="directional",
                         help="directional: act only on one-way confusions (label noise), not on classes the "
                              "model mixes up both ways; all: act on every flag (default: directional)")
-    parser.add_argument("--lr-sweep", type=float, nargs="+", metavar="LR",
+    parser.add_argument("--lr-sweep", type=lr_type, nargs="+", metavar="LR",
                         help="instead of training, run short runs at these rates and plot loss against steps")
-    parser.add_argument("--sweep-steps", type=int, default=300, help="steps per --lr-sweep run (default: 300)")
+    parser.add_argument("--sweep-steps", type=int_in(1, 1_000_000), default=300, help="steps per --lr-sweep run (default: 300)")
     parser.add_argument("--out", default="checkpoints/trained.ckpt", help="checkpoint path (default: checkpoints/trained.ckpt)")
     parser.add_argument("--figures", default=FIGURES_DIR, help="folder for figures and JSON reports (default: figures)")
     parser.add_argument("--resume", action="store_true", help="continue from the resume state next to --out")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; CPU runs are repeatable (default: 0)")
+    parser.add_argument("--seed", type=seed_type, default=0,
+                        help="random seed, 0 to 2**32-1; CPU runs are repeatable (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
     args = parser.parse_args(argv)
     for key, value in RECIPES[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name in ("epochs", "batch_size", "repair_folds", "repair_epochs", "sweep_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or (args.lr_sweep and min(args.lr_sweep) <= 0):
-        parser.error("learning rates must be positive")
-    if args.repair_folds < 2:
-        parser.error("--repair-folds must be at least 2")
     return args
 
 
@@ -279,28 +277,41 @@ def find_label_repairs(labels, probs, pairs="directional"):
 
 
 def read_corrections(path, n):
-    """A hand-made list of corrections: [{"index": i, "label": "cat" | 2 | null}, ...]; null drops the image."""
+    """A hand-made list of corrections: [{"index": i, "label": "cat" | 2 | null}, ...]; null drops the image.
+
+    Strict on purpose: an index of 1.9 or a label of true is a mistake to report, not a value
+    to truncate, and an index listed twice would silently keep only one of the two labels.
+    """
+    where = f"--fix-labels {path}"
+    data = read_input_file(path, "label corrections")
     try:
-        entries = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"--fix-labels {path}: file not found (use auto, none or a JSON file)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--fix-labels {path}: not valid JSON ({e})") from None
-    if isinstance(entries, dict) and "issues" in entries:  # accept our own label_issues.json
-        entries = [{"index": e["index"], "label": e["suggested"]} for e in entries["issues"] if e.get("acted", True)]
-    if not isinstance(entries, list):
-        raise UserError(f"--fix-labels {path}: expected a list of {{\"index\": i, \"label\": name}} entries")
-    fixes = {}
-    for k, entry in enumerate(entries):
+        entries = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{where}: not valid JSON ({' '.join(str(e).split())[:100]})") from None
+    if isinstance(entries, dict) and isinstance(entries.get("issues"), list):  # our own label_issues.json
         try:
-            index, label = int(entry["index"]), entry["label"]
-            if label is not None:
-                label = CLASSES.index(label) if isinstance(label, str) else int(label)
-        except (TypeError, KeyError, ValueError):
-            raise UserError(f"--fix-labels {path}: entry {k} needs an integer index and a label "
-                            f"in {CLASSES}, 0-2, or null to drop the image") from None
-        if not 0 <= index < n or label not in (None, *range(len(CLASSES))):
-            raise UserError(f"--fix-labels {path}: entry {k}: index {index} or label {label} out of range")
+            entries = [{"index": e["index"], "label": e["suggested"]} for e in entries["issues"]
+                       if e.get("acted", True) is not False]
+        except (TypeError, KeyError, AttributeError):
+            raise UserError(f"{where}: a label_issues.json whose issues lack index or suggested") from None
+    if not isinstance(entries, list):
+        raise UserError(f"{where}: expected a list of {{\"index\": i, \"label\": name}} entries")
+    fixes, seen = {}, {}
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"index", "label"}:
+            raise UserError(f"{where}: entry {k} must be an object with exactly the keys index and label")
+        index, label = entry["index"], entry["label"]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+            raise UserError(f"{where}: entry {k}: index {json.dumps(index)} is not a whole number from 0 to {n - 1}")
+        if isinstance(label, str) and label in CLASSES:
+            label = CLASSES.index(label)
+        elif label is not None and not (isinstance(label, int) and not isinstance(label, bool)
+                                        and 0 <= label < len(CLASSES)):
+            raise UserError(f"{where}: entry {k}: label {json.dumps(label)} is not one of {', '.join(CLASSES)}, "
+                            "0-2, or null (drop the image)")
+        if index in seen:
+            raise UserError(f"{where}: entries {seen[index]} and {k} both correct image {index}; keep one")
+        seen[index] = k
         fixes[index] = label
     return fixes
 
@@ -460,17 +471,30 @@ RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", 
             "seed", "data")
 
 
-def load_resume(path, args):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--resume: no resume state at {path} (start without --resume)") from None
-    except Exception as e:
-        raise UserError(f"--resume: {path} is unreadable ({type(e).__name__}); delete it to start over") from None
+def data_fingerprint(images, labels):
+    """SHA-256 of the training tensors: a resume must continue on the very data it started on."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(labels.numpy().astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+def load_resume(path, args, fingerprint):
+    if not Path(path).exists():
+        raise UserError(f"--resume: no resume state at {path} (start without --resume)")
+    state = read_torch_file(path, "resume state")
+    needed = {"model", "optimizer", "scheduler", "epoch", "history", "labels", "keep", "config", "data_sha256"}
+    if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["config"], dict):
+        raise UserError(f"--resume: {path} is not a resume state of this trainer.py; delete it to start over")
     changed = [k for k in RUN_KEYS if state["config"].get(k) != getattr(args, k)]
     if changed:
         raise UserError(f"--resume: {path} belongs to a run with other settings ({', '.join(changed)}); "
                         "use the same flags or start without --resume")
+    if state["data_sha256"] != fingerprint:
+        raise UserError(f"--resume: {args.data} has changed since {path} was written (its stored labels belong to "
+                        "other images); restore that data or start without --resume")
+    n = len(state["labels"]) if isinstance(state["labels"], torch.Tensor) else -1
+    if not (isinstance(state["epoch"], int) and 1 <= state["epoch"] <= args.epochs and n == len(state["keep"])):
+        raise UserError(f"--resume: {path} is inconsistent (epoch or label count); delete it to start over")
     return state
 
 
@@ -501,13 +525,21 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     from tester import compute_metrics, format_metrics
 
     state_path = resume_path(args.out)
-    state = load_resume(state_path, args) if args.resume else None
+    fingerprint = data_fingerprint(train_x, train_y)
+    state = load_resume(state_path, args, fingerprint) if args.resume else None
     if state is not None:
         all_labels, keep = state["labels"], state["keep"]
         print(f"Resuming {state_path} after epoch {state['epoch']} of {args.epochs}", file=sys.stderr)
     else:
-        all_labels, keep = repair_labels(train_x, train_y, args, device)
+        try:
+            all_labels, keep = repair_labels(train_x, train_y, args, device)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted during label repair, before training started: nothing was saved; "
+                              "run again, or skip repair with --fix-labels none") from None
+    if not keep.any():
+        raise UserError(f"--fix-labels {args.fix_labels}: drops every training image; nothing left to train on")
     images, labels = train_x[keep], all_labels[keep]
+    warn_missing_classes(labels, "training labels")
     print(f"Training {args.model} on {len(labels)} images (labels {dict(zip(CLASSES, class_counts(labels)))}), "
           f"{args.epochs} epochs, {args.optimizer} lr {args.lr:g} {args.schedule}, batch {args.batch_size}, "
           f"sampler {args.sampler}, augment {'on' if args.augment else 'off'}, device {device}", file=sys.stderr)
@@ -517,6 +549,7 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(labels) / args.batch_size))
     history, first_epoch = [], 1
     if state is not None:
+        check_state_dict(model, state["model"], state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -544,13 +577,16 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
             save_checkpoint(model, args.out)
             snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                        "labels": all_labels, "keep": keep, "config": config}
+                        "labels": all_labels, "keep": keep, "config": config, "data_sha256": fingerprint}
             atomic_write(state_path, lambda f: torch.save(snapshot, f))
     except KeyboardInterrupt:
         bar.close()
         done = history[-1]["epoch"] if history else first_epoch - 1
-        raise UserError(f"interrupted: epoch {done} of {args.epochs} is saved in {state_path}; "
-                        "continue with the same flags plus --resume") from None
+        if done == 0:
+            raise Interrupted(f"interrupted in epoch 1 of {args.epochs}, before anything was saved; run again") \
+                from None
+        raise Interrupted(f"interrupted: epoch {done} of {args.epochs} is saved in {state_path}; "
+                          "continue with the same flags plus --resume") from None
     bar.close()
     elapsed = time.time() - start
     plot_training_curves(history, Path(args.figures) / "training_curves.png")
@@ -563,17 +599,49 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     return model
 
 
+def warn_missing_classes(labels, what):
+    missing = [name for name, n in zip(CLASSES, class_counts(labels)) if n == 0]
+    if missing:
+        print(f"warning: the {what} hold no {' or '.join(missing)} images; the model cannot learn to predict "
+              f"{'it' if len(missing) == 1 else 'them'}", file=sys.stderr)
+
+
+def check_repairable(labels, args):
+    """Automatic repair needs every class in every fold: refuse up front, not inside scikit-learn."""
+    if args.fix_labels != "auto":
+        return
+    counts = dict(zip(CLASSES, class_counts(labels)))
+    short = {name: n for name, n in counts.items() if n < args.repair_folds}
+    if short:
+        shown = ", ".join(f"{name} {n}" for name, n in short.items())
+        raise UserError(f"--fix-labels auto with {args.repair_folds} folds needs at least {args.repair_folds} "
+                        f"images of each class, and {args.data} has {shown}; use fewer --repair-folds or "
+                        "--fix-labels none")
+
+
 def main():
     args = parse_args()
     device = pick_device(args.device)
+    # Every output is checked before any work: a typo should not surface after label repair.
+    check_output_dir(args.figures, "--figures")
+    if not args.lr_sweep:
+        check_output_file(args.out, "--out")
+        check_output_file(resume_path(args.out), "--out")
+    if args.fix_labels not in ("auto", "none"):
+        read_input_file(args.fix_labels, "label corrections")  # exists and is a regular file
     # The sweep never looks at dev data, so it does not need (or build) it.
     ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
     train_x, train_y = load_pickle(args.data)
     if args.lr_sweep:
         lr_sweep(train_x, train_y, args, device)
         return
+    if not args.resume:
+        check_repairable(train_y, args)
+        if args.fix_labels not in ("auto", "none"):
+            read_corrections(args.fix_labels, len(train_y))
     dev_x, dev_y = load_pickle(args.dev_data)
-    train(train_x, train_y, dev_x, dev_y, args, device)
+    with exclusive_lock(args.out, "--out"):
+        train(train_x, train_y, dev_x, dev_y, args, device)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dataset import CLASSES, DEV_PATH, TRAIN_PATH, ensure_data, run_main  # noqa: E402
+from cli import run_main  # noqa: E402
+from dataset import CLASSES, DEV_PATH, TRAIN_PATH, ensure_data  # noqa: E402
 
 # name -> (trainer flags, what it shows)
 CONFIGS = {

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from adversarialExample import EPS_SCALE, fgsm_perturb  # noqa: E402
-from dataset import DEV_PATH, UserError, ensure_data, load_pickle, pick_device, run_main  # noqa: E402
+from cli import UserError, pick_device, run_main  # noqa: E402
+from dataset import DEV_PATH, ensure_data, load_pickle  # noqa: E402
 from models import SimpleModel, load_model  # noqa: E402
 
 

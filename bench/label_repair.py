@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer  # noqa: E402
-from dataset import CLASSES, MANIFEST_NAME, ensure_data, load_pickle, pick_device, run_main  # noqa: E402
+from cli import pick_device, run_main  # noqa: E402
+from dataset import CLASSES, MANIFEST_NAME, ensure_data, load_pickle  # noqa: E402
 
 
 def score(name, chosen, planted):

@@ -1,7 +1,11 @@
 """Shared fixtures: small real data built from a local CIFAR-10 copy, and a script runner."""
+import atexit
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,10 +27,47 @@ def cifar_dir():
 needs_cifar = pytest.mark.skipif(cifar_dir() is None, reason="no local CIFAR-10 copy (set CIFAR10_DIR)")
 
 
-def run_script(script, *args, cwd, timeout=600, env=None):
-    """Run one of the project's scripts as a user would; return the CompletedProcess."""
+class _ScriptRunner:
+    """A warm interpreter that forks one child process per script run (tests/script_runner.py)."""
+
+    def __init__(self):
+        self.proc, self.lock = None, threading.Lock()
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "script_runner.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "MPLBACKEND": "Agg"})
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        atexit.register(self.proc.kill)
+
+    def run(self, script, args, cwd, env, timeout, memory=None, file_size=None):
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            if self.proc is None or self.proc.poll() is not None:
+                self.start()
+            request = {"script": str(ROOT / script), "args": [str(a) for a in args], "cwd": str(cwd),
+                       "env": env, "timeout": timeout, "memory": memory, "file_size": file_size,
+                       "stdout": f"{tmp}/out", "stderr": f"{tmp}/err"}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline())
+            out, err = (Path(f"{tmp}/{name}").read_text(errors="replace") for name in ("out", "err"))
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired([script, *map(str, args)], timeout, out, err)
+        return subprocess.CompletedProcess([script, *map(str, args)], reply["returncode"], out, err)
+
+
+_runner = _ScriptRunner() if hasattr(os, "fork") else None
+
+
+def run_script(script, *args, cwd, timeout=600, env=None, memory=None, file_size=None):
+    """Run one of the project's scripts as a user would (its own process); return the CompletedProcess.
+
+    memory: address-space limit in bytes; file_size: largest file the run may write.
+    """
     full_env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
+    if _runner is not None:
+        return _runner.run(script, args, cwd, full_env, timeout, memory, file_size)
+    return subprocess.run(  # no fork() on this platform: a fresh interpreter per run
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )

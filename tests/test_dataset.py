@@ -16,7 +16,8 @@ from PIL import Image
 
 import dataset
 from conftest import assert_one_error_line, cifar_dir, needs_cifar, run_script
-from dataset import UserError, build_from_cifar, class_counts, load_pickle, save_pickle
+from cli import UserError
+from dataset import build_from_cifar, class_counts, load_pickle, save_pickle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

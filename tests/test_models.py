@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from dataset import UserError
+from cli import UserError
 from models import ResNet8, SimpleModel, load_model
 
 # The course's CNN, parameter by parameter: (name, shape).
@@ -302,7 +302,7 @@ def test_non_checkpoint_file_is_refused(tmp_path, obj):
 
 
 def test_missing_file_and_folder_are_refused(tmp_path):
-    assert "not found" in one_line_error(tmp_path / "nope.ckpt")
+    assert "no such checkpoint" in one_line_error(tmp_path / "nope.ckpt")
     one_line_error(tmp_path)
 
 
@@ -335,7 +335,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(models.torch, "save", write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="disk full.*previous file is unchanged"):
         trained_looking(SimpleModel(), seed=2).save(path)
     monkeypatch.undo()
 

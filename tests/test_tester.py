@@ -101,11 +101,11 @@ def test_default_run_writes_figure_and_json(small_data, tmp_path):
                             "per_class", "confusion_matrix", "predicted_counts"]
     assert record["checkpoint"] == "checkpoints/pre_trained.ckpt"
     assert record["data"] == "data/dev.pickle"
-    assert record["tta"] == "flip"
+    assert record["tta"] == "none"
     assert record["n"] == 210
     assert {k: v["support"] for k, v in record["per_class"].items()} == {"car": 100, "truck": 50, "cat": 60}
     assert sum(map(sum, record["confusion_matrix"])) == 210
-    expected = _expected_metrics(tmp_path / "checkpoints" / "pre_trained.ckpt", small_data / "dev.pickle", flip=True)
+    expected = _expected_metrics(tmp_path / "checkpoints" / "pre_trained.ckpt", small_data / "dev.pickle", flip=False)
     assert {k: record[k] for k in expected} == expected
 
 

@@ -1,0 +1,302 @@
+"""Command-line plumbing shared by every script: one-line errors, validated flags, safe inputs and outputs.
+
+A user's mistake (a bad path, a broken or hostile file, an out-of-range flag) ends with one
+line, `<script>: error: <what is wrong, where, what to do>`, and a non-zero exit status, never
+a traceback. Inputs are checked before they are opened (a FIFO or device would block a read
+forever), outputs before any work is done (a typo in --out should not surface after an hour
+of training), and results are written atomically so a crash never leaves half a file.
+"""
+import argparse
+import contextlib
+import math
+import os
+import re
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+# torch.load(weights_only=True) is the boundary every checkpoint crosses. It had published
+# bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
+# (memory corruption from crafted SETITEM opcodes or storage sizes, fixed in 2.10.0).
+MIN_SAFE_TORCH = (2, 10)
+
+SEED_MAX = 2**32 - 1  # numpy and scikit-learn take seeds in [0, 2**32 - 1]
+
+
+class UserError(Exception):
+    """An expected mistake by the user (bad path, bad file, bad flag): shown as one line."""
+
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """Ctrl-C: shown as one line that says what was kept, exit status 130 as for any SIGINT."""
+
+    exit_code = 130
+
+
+def torch_version_tuple(version):
+    """(major, minor) of a version string such as '2.14.1+cu128'."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def require_safe_torch():
+    """Refuse to run on a torch whose safe loader has known bypasses."""
+    import torch
+
+    if torch_version_tuple(torch.__version__) < MIN_SAFE_TORCH:
+        need = ".".join(map(str, MIN_SAFE_TORCH))
+        raise UserError(
+            f"torch {torch.__version__} is too old to load files safely (its weights_only loader has known "
+            f"bypasses: CVE-2025-32434, CVE-2026-24747); upgrade to torch >= {need}: "
+            "pip install -r requirements.txt"
+        )
+
+
+def run_main(main):
+    """Run a script's main(): user mistakes become one 'error:' line and a non-zero exit status."""
+    prog = Path(sys.argv[0]).name
+    try:
+        require_safe_torch()
+        main()
+    except UserError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except MemoryError:
+        print(f"{prog}: error: out of memory; try a smaller --batch-size or smaller data", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # `python tester.py | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(0)
+
+
+# ---------------------------------------------------------------------------
+# Flags
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line ('prog: error: ...'), not usage text plus an error."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_in(low, high=None):
+    """argparse type: a whole number in [low, high] (high None: no upper bound)."""
+    span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def float_in(low, high=math.inf, low_open=False, high_open=False):
+    """argparse type: a finite number in the interval low..high (open ends as given)."""
+    left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+    span = f"{left}{low:g}, {'inf' if high == math.inf else f'{high:g}'}{right}"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}") from None
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not inside:
+            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+seed_type = int_in(0, SEED_MAX)
+positive_int = int_in(1)
+
+
+def pick_device(name=None):
+    """The requested torch device (cpu, cuda, cuda:N), or CUDA when available, else CPU."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", str(name))
+    if not match or (match[1] == "cpu" and match[2] is not None):
+        raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+    if match[1] == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: torch sees no CUDA GPU; use --device cpu")
+        index = int(match[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (0 to "
+                            f"{torch.cuda.device_count() - 1})")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def read_input_file(path, what, hint=""):
+    """The bytes of a regular file, or one UserError line saying why not.
+
+    Folders, FIFOs and devices are refused: reading a FIFO blocks until a writer appears,
+    and /dev/zero never ends. The type is checked on the opened descriptor (opened
+    non-blocking), so the file cannot be swapped for a FIFO between the check and the read.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what} file{hint}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a {what} file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot open {what} file ({e.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{path}: is a folder, expected a {what} file")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{path}: not a regular file (a pipe, socket or device), expected a {what} file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def check_input_file(path, what):
+    """Fail early, with one line, unless path is an existing regular file."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what} file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot access {what} file ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a folder, expected a {what} file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: not a regular file (a pipe, socket or device), expected a {what} file")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+
+
+def check_output_dir(path, flag):
+    """Make sure the folder can be written before any work starts (creating it if needed)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file, expected a folder")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: {ancestor} is a file, so no folder can be made under it")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror})") from None
+    return path
+
+
+def check_output_file(path, flag):
+    """Make sure a file can be written at path before any work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder, expected a file name")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {path}: not a regular file; refusing to replace it")
+    check_output_dir(path.parent, flag)
+    return path
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file next to path, then rename it over path.
+
+    A crash, kill -9 or full disk mid-write leaves the old file intact instead of a
+    truncated one; a write that fails is one UserError line.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        kept = "; the previous file is unchanged" if path.is_file() else ""
+        raise UserError(f"{path}: cannot write ({cause.strerror or cause}){kept}") from None
+
+
+def _os_error_in(error):
+    """The OSError behind an exception, if any: torch.save wraps a full disk in a RuntimeError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, flag):
+    """Hold an exclusive lock on path + '.lock' for the duration: a second run writing the same
+    output stops with one line instead of racing the first. The OS drops the lock when the
+    process dies, so a killed run never leaves a stale lock behind."""
+    lock_path = Path(f"{path}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+b")
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the lock file {lock_path} ({e.strerror})") from None
+    with f:
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{flag} {path}: another run is writing it (lock {lock_path} is held); wait for it "
+                            "to finish or choose another output") from None
+        yield

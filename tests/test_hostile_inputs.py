@@ -1,0 +1,649 @@
+"""A hostile-input sweep: malicious and malformed files, bad flags, unwritable outputs, faults.
+
+Every case has one expected outcome: refused with one `error:` line (non-zero exit, no
+traceback), or accepted. File cases are loaded in one child process per kind, CLI cases run
+the real scripts; every child runs under an address-space limit, so a bomb that got through
+would fail its case instead of taking the machine down.
+"""
+import codecs
+import collections
+import io
+import json
+import os
+import pickle
+import resource
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, needs_cifar, run_script
+
+PRETRAINED = ROOT / "checkpoints" / "pre_trained.ckpt"
+MEMORY_LIMIT = 6 * 2**30  # bytes of address space per child: importing torch needs about 3 GiB
+LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+
+
+def limited(memory=MEMORY_LIMIT, file_size=None):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        if file_size is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+    return apply
+
+
+def run(script, *args, cwd, timeout=120, file_size=None):
+    return run_script(script, *args, cwd=cwd, timeout=timeout, memory=MEMORY_LIMIT, file_size=file_size)
+
+
+def assert_refused(result, *needles):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode not in (0, None), result.stderr
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr, result.stderr
+    error_lines = [line for line in lines if ": error: " in line]
+    assert len(error_lines) == 1 and error_lines[0] == lines[-1], result.stderr
+    assert all(n in lines[-1] for n in needles), result.stderr
+
+
+def assert_one_line(result, *needles):
+    assert_refused(result, *needles)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Crafting hostile files
+
+
+class Call:
+    """Pickles as the call func(*args): how an attacker makes a pickle run anything."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def legacy_blob(raw, numel, count=None, kind="FloatStorage", location="cpu", trailing=b""):
+    """Bytes in torch's legacy serialization of one storage, with any declaration we like."""
+    out = io.BytesIO()
+    for obj in (LEGACY_MAGIC, LEGACY_PROTOCOL,
+                {"protocol_version": LEGACY_PROTOCOL, "little_endian": True,
+                 "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(obj, out, protocol=2)
+    marker = object()
+
+    class StoragePickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", getattr(torch, kind), "0", location, numel, None) if obj is marker else None
+
+    StoragePickler(out, protocol=2).dump(marker)
+    pickle.dump(["0"], out, protocol=2)
+    out.write(struct.pack("<q", numel if count is None else count) + raw + trailing)
+    return out.getvalue()
+
+
+def image_bytes(value=0.0):
+    return torch.full((3 * 32 * 32,), value).numpy().tobytes()
+
+
+def crafted_tensor(blob, offset=0, size=(3, 32, 32), stride=(1024, 32, 1), requires_grad=False):
+    storage = Call(torch.storage._load_from_bytes, blob)
+    return Call(torch._utils._rebuild_tensor_v2, storage, offset, size, stride, requires_grad,
+                collections.OrderedDict())
+
+
+def good_image(value=0.0):
+    return crafted_tensor(legacy_blob(image_bytes(value), 3072))
+
+
+def dump(path, obj, protocol=2):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+    return path
+
+
+class Raw(bytes):
+    """File content given as bytes, not as an object to pickle."""
+
+
+def one_image_rebuilt(n):
+    """Many tensors rebuilt from one shared storage: a few bytes of pickle each."""
+    storage = Call(torch.storage._load_from_bytes, legacy_blob(image_bytes(), 3072))
+    size, stride = (3, 32, 32), (1024, 32, 1)
+    return [(Call(torch._utils._rebuild_tensor_v2, storage, 0, size, stride, False, collections.OrderedDict()), 0)
+            for _ in range(n)]
+
+
+def payload_in_storage_bytes(marker):
+    inner = io.BytesIO()
+    torch.save(Call(os.system, f"touch {marker}"), inner, _use_new_zipfile_serialization=False)
+    return [(Call(torch.storage._load_from_bytes, inner.getvalue()), 0)]
+
+
+def zipped(obj):
+    out = io.BytesIO()
+    torch.save(obj, out)
+    return Raw(out.getvalue())
+
+
+def truncated_pickle():
+    full = pickle.dumps([(torch.zeros(3, 32, 32), i % 3) for i in range(4)], protocol=5)
+    return Raw(full[: len(full) // 2])
+
+
+GOOD = [(torch.zeros(3, 32, 32), i % 3) for i in range(4)]
+SHARED = torch.zeros(3, 32, 32)
+
+# name -> (expected: "ok" or words of the one-line refusal, content(marker): object to pickle or Raw bytes)
+DATA_CASES = {
+    "valid, protocol 2": ("ok", lambda m: GOOD),
+    "valid, protocol 5": ("ok", lambda m: GOOD),  # written with protocol 5 below
+    "valid, crafted like torch writes it": ("ok", lambda m: [(good_image(0.5), 1)]),
+    "valid, 0-d integer tensor labels": ("ok", lambda m: [(torch.zeros(3, 32, 32), torch.tensor(2))]),
+    "storage declared on the meta device": (
+        "ok", lambda m: [(crafted_tensor(legacy_blob(image_bytes(), 3072, location="meta")), 0)]),
+    # Code execution
+    "os.system at top level": ("refused", lambda m: Call(os.system, f"touch {m}")),
+    "os.system inside an item": ("refused", lambda m: GOOD[:2] + [(Call(os.system, f"touch {m}"), 0)]),
+    "os.system inside storage bytes": ("refused", payload_in_storage_bytes),
+    "builtins.eval": ("refused", lambda m: [(Call(eval, "1+1"), 0)]),
+    "numpy array instead of a tensor": ("refused", lambda m: [(torch.zeros(3, 32, 32).numpy(), 0)]),
+    "torch.save zip instead of a pickle": ("zip archive", lambda m: zipped(GOOD)),
+    # Resource bombs
+    "nested hex codec expansion": ("codec", lambda m: [(crafted_tensor(
+        Call(codecs.encode, Call(codecs.encode, "ab" * 500, "hex"), "hex")), 0)]),
+    "storage claims 2**34 elements": ("claim", lambda m: [(crafted_tensor(legacy_blob(image_bytes(), 2**34)), 0)]),
+    "storage count disagrees with its declaration": (
+        "declares", lambda m: [(crafted_tensor(legacy_blob(image_bytes(), 3072, count=2**40)), 0)]),
+    "storage data truncated": (
+        "claim", lambda m: [(crafted_tensor(legacy_blob(image_bytes()[:100], 3072)), 0)]),
+    "tensor reaching past its storage": (
+        "reaches element", lambda m: [(crafted_tensor(legacy_blob(image_bytes(), 3072), offset=100), 0)]),
+    "tensor with a huge size": ("reaches element", lambda m: [(crafted_tensor(
+        legacy_blob(image_bytes(), 3072), size=(3, 32, 2**40), stride=(1, 1, 1)), 0)]),
+    "tensor with a negative stride": ("invalid layout", lambda m: [(crafted_tensor(
+        legacy_blob(image_bytes(), 3072), stride=(1024, 32, -1)), 0)]),
+    "one image referenced 200,000 times": ("by reference", lambda m: [(SHARED, 0)] * 200_000),
+    "one storage rebuilt 100,000 times": ("tensor objects", lambda m: one_image_rebuilt(100_000)),
+    "BINBYTES8 declaring a terabyte": ("data pickle", lambda m: Raw(b"\x80\x04\x8e" + struct.pack("<Q", 2**40))),
+    "deeply nested lists": ("not an (image, label) pair",
+                            lambda m: Raw(b"\x80\x02" + b"]" * 50_000 + b"a" * 49_999 + b".")),
+    # Silent garbage the course format does not allow
+    "image requires grad": ("requires_grad", lambda m: [(crafted_tensor(
+        legacy_blob(image_bytes(), 3072), requires_grad=True), 0)]),
+    "bool label tensor(True)": ("label", lambda m: [(torch.zeros(3, 32, 32), torch.tensor(True))]),
+    "bool label True": ("label", lambda m: [(torch.zeros(3, 32, 32), True)]),
+    "1-d label tensor": ("label", lambda m: [(torch.zeros(3, 32, 32), torch.tensor([1]))]),
+    "huge int label": ("label", lambda m: [(torch.zeros(3, 32, 32), 2**100)]),
+    "float64 image": ("float64", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float64), 0)]),
+    "float16 image": ("float16", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float16), 0)]),
+    "NaN image": ("NaN", lambda m: [(torch.full((3, 32, 32), float("nan")), 0)]),
+    "empty list": ("empty", lambda m: []),
+    "a dict": ("expected a list", lambda m: {"images": 1}),
+    "zero bytes": ("data pickle", lambda m: Raw(b"")),
+    "random bytes": ("data pickle", lambda m: Raw(os.urandom(4096))),
+    "a text file": ("data pickle", lambda m: Raw(b"car,truck,cat\n1,2,3\n")),
+    "truncated in the middle": ("data pickle", lambda m: truncated_pickle()),
+}
+
+
+def write_data_case(d, name, marker):
+    path = d / f"data {len(list(d.iterdir()))}.pickle"
+    content = DATA_CASES[name][1](marker)
+    if isinstance(content, Raw):
+        path.write_bytes(content)
+    else:
+        dump(path, content, protocol=5 if "protocol 5" in name else 2)
+    return path
+
+
+def state_dict_file(path, state, legacy=False):
+    torch.save({"model_state_dict": state}, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def base_state():
+    return torch.load(PRETRAINED, weights_only=True)["model_state_dict"]
+
+
+def with_tensor(key, make):
+    state = base_state()
+    state[key] = make(state[key])
+    return state
+
+
+def corrupted_middle(path):
+    data = bytearray(PRETRAINED.read_bytes())
+    middle = data.find(b"archive/data/4") + 2000  # inside fc1.weight's record
+    data[middle : middle + 64] = bytes(64 - i for i in range(64))
+    path.write_bytes(bytes(data))
+
+
+def deflated(path):
+    with zipfile.ZipFile(PRETRAINED) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+
+
+def nan_row(t):
+    return t.clone().index_fill_(0, torch.tensor([3]), float("nan"))
+
+
+# name -> (expected, write(path, marker)); PRETRAINED itself is the "shipped" case
+CHECKPOINT_CASES = {
+    "the shipped checkpoint": ("ok", None),
+    "legacy format": ("ok", lambda p, m: state_dict_file(p, base_state(), legacy=True)),
+    "bare state_dict": ("ok", lambda p, m: torch.save(base_state(), p)),
+    "NaN weights": ("fc1.weight holds NaN", lambda p, m: state_dict_file(p, with_tensor("fc1.weight", nan_row))),
+    "infinite weights": ("conv2.bias holds NaN or infinite", lambda p, m: state_dict_file(
+        p, with_tensor("conv2.bias", lambda t: torch.full_like(t, float("inf"))))),
+    "NaN weights, legacy": ("holds NaN", lambda p, m: state_dict_file(
+        p, with_tensor("fc1.weight", nan_row), legacy=True)),
+    "integer weights": ("dtype torch.int64", lambda p, m: state_dict_file(
+        p, with_tensor("fc3.weight", lambda t: t.long()))),
+    "corrupted middle": ("checksum", lambda p, m: corrupted_middle(p)),
+    "compressed entries": ("compressed", lambda p, m: deflated(p)),
+    "os.system payload (zip)": ("refused", lambda p, m: torch.save(Call(os.system, f"touch {m}"), p)),
+    "os.system payload (legacy)": ("refused", lambda p, m: torch.save(
+        Call(os.system, f"touch {m}"), p, _use_new_zipfile_serialization=False)),
+    "legacy storage claims 64 GiB": ("claim", lambda p, m: p.write_bytes(legacy_blob(b"\0" * 64, 2**34))),
+    "truncated": ("checkpoint", lambda p, m: p.write_bytes(PRETRAINED.read_bytes()[:50_000])),
+    "zero bytes": ("not a PyTorch checkpoint", lambda p, m: p.write_bytes(b"")),
+    "random bytes": ("checkpoint", lambda p, m: p.write_bytes(os.urandom(5000))),
+    "a data pickle as checkpoint": ("not a PyTorch checkpoint", lambda p, m: dump(p, GOOD)),
+    "arch that is not a name": ("unknown architecture", lambda p, m: torch.save(
+        {"model_state_dict": base_state(), "arch": 123}, p)),
+    "another network's weights": ("missing keys", lambda p, m: torch.save({"model_state_dict": {"w": torch.zeros(2)}}, p)),
+}
+
+
+def write_checkpoint_case(d, name, marker):
+    write = CHECKPOINT_CASES[name][1]
+    if write is None:
+        return PRETRAINED
+    path = d / f"ckpt {len(list(d.iterdir()))}.ckpt"
+    write(path, marker)
+    return path
+
+
+LOADER = """
+import json, sys
+from cli import UserError
+from dataset import load_pickle
+from models import load_model
+load = {"data": load_pickle, "checkpoint": load_model}[sys.argv[1]]
+results = {}
+for path in sys.argv[2:]:
+    try:
+        load(path)
+        results[path] = "ok"
+    except UserError as e:
+        results[path] = "refused: " + str(e)
+    except BaseException as e:
+        results[path] = f"CRASH {type(e).__name__}: {e}"[:300]
+print(json.dumps(results))
+"""
+
+
+def load_all(kind, files, tmp):
+    result = subprocess.run([sys.executable, "-c", LOADER, kind, *(str(p) for p, _ in files.values())],
+                            cwd=tmp, capture_output=True, text=True, timeout=600, preexec_fn=limited(),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile")
+    marker = d.parent / f"{d.name}-MARKER"
+    out = {"dir": d, "marker": marker}
+    for kind, cases, write in (("data", DATA_CASES, write_data_case),
+                               ("checkpoint", CHECKPOINT_CASES, write_checkpoint_case)):
+        files = {name: (write(d, name, marker), cases[name][0]) for name in cases}
+        out[kind] = (files, load_all(kind, files, d))
+    return out
+
+
+def check_outcome(crafted, kind, case):
+    files, results = crafted[kind]
+    path, expected = files[case]
+    outcome = results[str(path)]
+    assert not crafted["marker"].exists(), "a payload ran"
+    if expected == "ok":
+        assert outcome == "ok", outcome
+    else:
+        assert outcome.startswith("refused: "), outcome
+        message = outcome[len("refused: "):]
+        assert "\n" not in message and str(path) in message and expected in message, message
+        assert "weights_only" not in message
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_data_pickle(crafted, case):
+    check_outcome(crafted, "data", case)
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_checkpoint(crafted, case):
+    check_outcome(crafted, "checkpoint", case)
+
+
+def test_legacy_checkpoint_loads_the_same_weights(tmp_path):
+    from models import load_model
+
+    base = torch.load(PRETRAINED, weights_only=True)["model_state_dict"]
+    model = load_model(state_dict_file(tmp_path / "legacy.ckpt", base, legacy=True))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
+
+
+# The CLI path: a sample of the files above through each script that reads them.
+
+
+@pytest.mark.parametrize("case", ["storage claims 2**34 elements", "one image referenced 200,000 times",
+                                  "os.system inside storage bytes", "torch.save zip instead of a pickle"])
+def test_tester_refuses_hostile_data_in_one_line(crafted, case, tmp_path):
+    path, expected = crafted["data"][0][case]
+    result = run("tester.py", "--checkpoint", PRETRAINED, "--data", path, "--out", tmp_path, cwd=tmp_path)
+    assert_one_line(result, str(path), expected)
+
+
+@pytest.mark.parametrize("script", ["tester.py", "adversarialExample.py"])
+@pytest.mark.parametrize("case", ["NaN weights", "corrupted middle", "os.system payload (zip)"])
+def test_scripts_refuse_hostile_checkpoints_in_one_line(crafted, script, case, tmp_path):
+    path, expected = crafted["checkpoint"][0][case]
+    result = run(script, "--checkpoint", path, "--data", crafted["data"][0]["valid, protocol 2"][0],
+                 "--out", tmp_path, cwd=tmp_path)
+    assert_one_line(result, str(path), expected)
+    assert not crafted["marker"].exists()
+
+
+# ---------------------------------------------------------------------------
+# Files that are not regular files: refused at once, never read (a FIFO would block forever)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+FIFO_CASES = {
+    "tester --checkpoint": ("tester.py", ["--checkpoint", "FIFO"]),
+    "tester --data": ("tester.py", ["--checkpoint", PRETRAINED, "--data", "FIFO"]),
+    "adversarialExample --checkpoint": ("adversarialExample.py", ["--checkpoint", "FIFO"]),
+    "trainer --fix-labels": ("trainer.py", ["--fix-labels", "FIFO", "--out", "m.ckpt", "--figures", "fig"]),
+    "trainer --data": ("trainer.py", ["--data", "FIFO", "--dev-data", PRETRAINED, "--out", "m.ckpt",
+                                      "--figures", "fig"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FIFO_CASES))
+def test_fifo_inputs_are_refused_without_blocking(case, fifo, tmp_path):
+    script, args = FIFO_CASES[case]
+    result = run(script, *[fifo if a == "FIFO" else a for a in args], cwd=tmp_path, timeout=60)
+    assert_one_line(result, str(fifo), "not a regular file")
+
+
+def test_device_file_and_folder_are_refused(tmp_path):
+    result = run("tester.py", "--checkpoint", "/dev/zero", cwd=tmp_path, timeout=60)
+    assert_one_line(result, "/dev/zero", "not a regular file")
+    result = run("tester.py", "--checkpoint", PRETRAINED, "--data", tmp_path, cwd=tmp_path, timeout=60)
+    assert_one_line(result, "is a folder")
+
+
+# ---------------------------------------------------------------------------
+# Flags: validated up front, one line naming the flag and the allowed range
+
+FLAG_CASES = [
+    ("trainer.py", ["--lr", "nan"], "--lr"),
+    ("trainer.py", ["--lr", "-1"], "--lr"),
+    ("trainer.py", ["--lr", "inf"], "--lr"),
+    ("trainer.py", ["--lr-sweep", "nan", "1e-3"], "--lr-sweep"),
+    ("trainer.py", ["--lr-sweep", "1e-3", "inf"], "--lr-sweep"),
+    ("trainer.py", ["--weight-decay", "-1"], "--weight-decay"),
+    ("trainer.py", ["--label-smoothing", "2"], "--label-smoothing"),
+    ("trainer.py", ["--label-smoothing", "-0.5"], "--label-smoothing"),
+    ("trainer.py", ["--repair-folds", "10000"], "--repair-folds"),
+    ("trainer.py", ["--repair-folds", "1"], "--repair-folds"),
+    ("trainer.py", ["--seed", "-1"], "--seed"),
+    ("trainer.py", ["--seed", str(2**70)], "--seed"),
+    ("trainer.py", ["--epochs", "0"], "--epochs"),
+    ("trainer.py", ["--epochs", "1.5"], "--epochs"),
+    ("trainer.py", ["--batch-size", "0"], "--batch-size"),
+    ("trainer.py", ["--sweep-steps", "-3"], "--sweep-steps"),
+    ("trainer.py", ["--model", "vit"], "--model"),
+    ("trainer.py", ["--device", "meta"], "--device"),
+    ("trainer.py", ["--device", "mps"], "--device"),
+    ("trainer.py", ["--device", "xpu"], "--device"),
+    ("trainer.py", ["--device", "cuda:7"], "--device"),
+    ("trainer.py", ["--device", "cpu:1"], "--device"),
+    ("tester.py", ["--batch-size", "-1"], "--batch-size"),
+    ("tester.py", ["--tta", "rotate"], "--tta"),
+    ("tester.py", ["--device", "banana"], "--device"),
+    ("adversarialExample.py", ["--seed", str(2**70)], "--seed"),
+    ("adversarialExample.py", ["--epsilons", "nan"], "--epsilons"),
+    ("adversarialExample.py", ["--epsilons", "0.1", "-0.1"], "--epsilons"),
+    ("adversarialExample.py", ["--epsilons", "2"], "--epsilons"),
+    ("adversarialExample.py", ["--example-epsilon", "inf"], "--example-epsilon"),
+    ("adversarialExample.py", ["--steps", "0"], "--steps"),
+    ("adversarialExample.py", ["--step-size", "0"], "--step-size"),
+    ("adversarialExample.py", ["--examples", "-1"], "--examples"),
+    ("adversarialExample.py", ["--batch-size", "0"], "--batch-size"),
+    ("dataset.py", ["build", "--seed", "-1"], "--seed"),
+    ("dataset.py", ["build", "--train-counts", "-1", "1", "1"], "--train-counts"),
+    ("dataset.py", ["build", "--mislabeled", "999999"], "--mislabeled"),
+    ("dataset.py", ["build", "--dev-counts", "1", "2"], "--dev-counts"),
+    ("dataset.py", ["frobnicate"], "frobnicate"),
+]
+
+
+@pytest.mark.parametrize("script,args,flag", FLAG_CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in FLAG_CASES])
+def test_bad_flag_is_one_line_naming_it(script, args, flag, tmp_path):
+    result = run(script, *args, cwd=tmp_path, timeout=60)
+    assert_one_line(result, flag)
+    assert list(tmp_path.iterdir()) == [], "a refused run wrote files"
+
+
+# ---------------------------------------------------------------------------
+# Outputs: checked before any work
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    cases = [
+        ("trainer.py", ["--out", a_dir], "--out", "is a folder"),
+        ("trainer.py", ["--out", a_file / "m.ckpt"], "--out", "is a file"),
+        ("trainer.py", ["--figures", a_file], "--figures", "is a file"),
+        ("tester.py", ["--out", a_file], "--out", "is a file"),
+        ("adversarialExample.py", ["--checkpoint", PRETRAINED, "--out", a_file / "x"], "--out", "is a file"),
+        ("dataset.py", ["insights", "--figures", a_file], "--figures", "is a file"),
+    ]
+    for script, args, flag, words in cases:
+        start = time.time()
+        result = run(script, *args, "--data", tmp_path / "missing.pickle", cwd=tmp_path, timeout=60) \
+            if script != "dataset.py" else run(script, *args, cwd=tmp_path, timeout=60)
+        assert_one_line(result, flag, words)
+        assert time.time() - start < 30
+
+
+@needs_cifar
+def test_build_into_a_file_is_refused(tmp_path):
+    from conftest import cifar_dir
+
+    (tmp_path / "data").write_text("x")
+    result = run("dataset.py", "build", "--cifar-dir", cifar_dir(), "--out-dir", tmp_path / "data", cwd=tmp_path)
+    assert_one_line(result, "--out-dir", "is a file")
+
+
+def test_full_disk_mid_run_is_one_line_and_keeps_the_checkpoint(small_data, tmp_path):
+    # Writes past 600 KB fail (EFBIG, as a full disk would fail them): the checkpoint (268 KB)
+    # fits, the resume state (model plus Adam's moments, about 800 KB) does not.
+    out = tmp_path / "m.ckpt"
+    result = run("trainer.py", "--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle",
+                 "--epochs", "2", "--fix-labels", "none", "--out", out, "--figures", tmp_path / "fig",
+                 cwd=tmp_path, file_size=600_000, timeout=300)
+    assert_refused(result, "m.resume.pt", "cannot write")
+    from models import load_model
+
+    load_model(out)  # the checkpoint written before the failure is whole
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
+
+
+# ---------------------------------------------------------------------------
+# --fix-labels files: strict
+
+
+def corrections(tmp_path, text):
+    path = tmp_path / "fixes.json"
+    path.write_text(text if isinstance(text, str) else json.dumps(text))
+    return path
+
+
+FIX_CASES = {
+    "fractional index": ([{"index": 1.9, "label": "cat"}], "index 1.9"),
+    "fractional label": ([{"index": 1, "label": 2.7}], "label 2.7"),
+    "boolean label": ([{"index": 1, "label": True}], "label true"),
+    "boolean index": ([{"index": True, "label": "cat"}], "index true"),
+    "duplicate index": ([{"index": 4, "label": "cat"}, {"index": 4, "label": "car"}], "both correct image 4"),
+    "index out of range": ([{"index": 10**9, "label": "cat"}], "index 1000000000"),
+    "unknown label name": ([{"index": 1, "label": "horse"}], "label \"horse\""),
+    "missing key": ([{"index": 1}], "exactly the keys"),
+    "not a list": ({"index": 1, "label": "cat"}, "expected a list"),
+    "not JSON": ("[{index: 1}]", "not valid JSON"),
+    "deeply nested": ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIX_CASES))
+def test_bad_corrections_file_is_refused(case, tmp_path):
+    import trainer
+    from cli import UserError
+
+    content, words = FIX_CASES[case]
+    with pytest.raises(UserError) as info:
+        trainer.read_corrections(corrections(tmp_path, content), 100)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_corrections_file_is_refused_before_training(small_data, tmp_path):
+    fixes = corrections(tmp_path, [{"index": 1.9, "label": "cat"}])
+    result = run("trainer.py", "--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle",
+                 "--fix-labels", fixes, "--out", tmp_path / "m.ckpt", "--figures", tmp_path / "fig", cwd=tmp_path)
+    assert_one_line(result, "--fix-labels", "index 1.9")
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+# ---------------------------------------------------------------------------
+# Degenerate data
+
+
+@pytest.fixture(scope="module")
+def lopsided(tmp_path_factory):
+    """A training set with 2 trucks and one with no trucks at all."""
+    d = tmp_path_factory.mktemp("lopsided")
+    g = torch.Generator().manual_seed(0)
+    for name, counts in (("two_trucks", (40, 2, 30)), ("no_trucks", (40, 0, 30)), ("one_image", (1, 0, 0)),
+                         ("dev", (10, 10, 10))):
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        items = [(torch.rand(3, 32, 32, generator=g) * 2 - 1, int(y)) for y in labels]
+        dump(d / f"{name}.pickle", items, protocol=5)
+    return d
+
+
+@pytest.mark.parametrize("name,words", [("two_trucks", "truck 2"), ("one_image", "truck 0")])
+def test_too_few_images_for_repair_folds_is_refused_with_a_way_out(lopsided, name, words, tmp_path):
+    result = run("trainer.py", "--data", lopsided / f"{name}.pickle", "--dev-data", lopsided / "dev.pickle",
+                 "--out", tmp_path / "m.ckpt", "--figures", tmp_path / "fig", cwd=tmp_path)
+    assert_one_line(result, words, "--fix-labels none", "--repair-folds")
+
+
+def test_missing_class_trains_with_a_one_line_warning(lopsided, tmp_path):
+    result = run("trainer.py", "--data", lopsided / "no_trucks.pickle", "--dev-data", lopsided / "dev.pickle",
+                 "--fix-labels", "none", "--epochs", "1", "--out", tmp_path / "m.ckpt", "--figures", tmp_path / "f",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no truck images" in warnings[0]
+
+
+# ---------------------------------------------------------------------------
+# Interruptions and concurrency
+
+
+def test_ctrl_c_during_label_repair_says_so(small_data, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "trainer.py"), "--data", small_data / "train.pickle", "--dev-data",
+         small_data / "dev.pickle", "--repair-epochs", "200", "--out", tmp_path / "m.ckpt",
+         "--figures", tmp_path / "fig"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, preexec_fn=limited(),
+        env={**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    seen = ""
+    while "Label repair" not in seen and time.time() < deadline:
+        seen += proc.stderr.readline()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    stderr = seen + rest
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert ": error: " in last and "label repair" in last and "--fix-labels none" in last
+
+
+def test_second_trainer_on_the_same_output_stops_with_one_line(small_data, tmp_path):
+    import fcntl
+
+    out = tmp_path / "m.ckpt"
+    with open(f"{out}.lock", "a+b") as held:  # what a running trainer.py holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run("trainer.py", "--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle",
+                     "--fix-labels", "none", "--out", out, "--figures", tmp_path / "fig", cwd=tmp_path)
+    assert_one_line(result, "another run is writing it")
+    assert not out.exists()
+
+
+def test_resume_after_the_training_data_changed_is_refused(small_data, tmp_path):
+    data = tmp_path / "train.pickle"
+    data.write_bytes((small_data / "train.pickle").read_bytes())
+    common = ["--data", data, "--dev-data", small_data / "dev.pickle", "--fix-labels", "none", "--epochs", "1",
+              "--out", tmp_path / "m.ckpt", "--figures", tmp_path / "fig"]
+    assert run("trainer.py", *common, cwd=tmp_path).returncode == 0
+    from dataset import load_pickle, save_pickle
+
+    images, labels = load_pickle(data)
+    save_pickle(data, images.flip(0), labels.flip(0))  # same images, other order: stored labels would misalign
+    result = run("trainer.py", *common, "--resume", cwd=tmp_path)
+    assert_one_line(result, "--resume", "has changed")
+
+
+def test_tampered_resume_state_with_nan_weights_is_refused(small_data, tmp_path):
+    common = ["--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle", "--fix-labels",
+              "none", "--epochs", "1", "--out", tmp_path / "m.ckpt", "--figures", tmp_path / "fig"]
+    assert run("trainer.py", *common, cwd=tmp_path).returncode == 0
+    state_path = tmp_path / "m.resume.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["model"]["fc2.weight"].fill_(float("nan"))
+    torch.save(state, state_path)
+    result = run("trainer.py", *common, "--resume", cwd=tmp_path)
+    assert_refused(result, "fc2.weight", "NaN")
+
+
+def test_messages_never_advise_weights_only_false(crafted, tmp_path):
+    for kind in ("data", "checkpoint"):
+        for outcome in crafted[kind][1].values():
+            assert "weights_only=False" not in outcome
