@@ -2,27 +2,38 @@
 
     python adversarialExample.py                          # FGSM on checkpoints/trained.ckpt
     python adversarialExample.py --attack pgd             # PGD as well, both curves in one figure
+    python adversarialExample.py --attack pgd --steps 20 --restarts 5 --transfer-from checkpoints/trained.ckpt \
+        --checkpoint checkpoints/robust.ckpt             # an evaluation gradient masking cannot fool
+    python adversarialExample.py --compare checkpoints/trained.ckpt checkpoints/robust.ckpt --attack pgd
     python adversarialExample.py --target cat             # targeted: push non-cats towards "cat"
 
 FGSM (Goodfellow et al., 2015) moves every pixel one step of size epsilon in the
 direction that raises the loss: x' = x + eps * sign(grad_x loss). PGD (Madry et al.,
-2018) takes several smaller such steps, projecting back onto the eps-ball around x.
+2018) takes several smaller such steps, projecting back onto the eps-ball around x;
+with --restarts N it starts from N random points and an image counts as robust only if
+every run fails.
 
-Epsilon is on the [0, 1] pixel scale (0.03 is about 8/255). The model sees images
-normalized to [-1, 1] as (x - 0.5) / 0.5, so there the step is 2 * eps * sign(grad), and
-every distorted image is clamped to [-1, 1]: it is still a real image.
+Epsilon is on the [0, 1] pixel scale (8/255 is about 0.031; fractions are accepted). The
+model sees images normalized to [-1, 1] as (x - 0.5) / 0.5, so there the step is
+2 * eps * sign(grad), and every distorted image is clamped to [-1, 1]: it is still a real image.
 
-Only images the model classifies correctly are attacked. Accuracy is reported two ways:
+Only images the model classifies correctly are attacked. Accuracy is reported as
   attacked set: share of the attacked images still classified correctly (100% at eps 0);
-  dev set:      share of all dev images classified correctly after the attack; images
-                not attacked keep their clean prediction, so at eps 0 this is the clean
-                accuracy.
+  dev set:      share of all dev images classified correctly under attack (images not
+                attacked keep their clean prediction), and its balanced version, the mean
+                over the three classes.
+An image counts as robust at eps only if the attack failed at eps and at every smaller eps
+of the sweep (a smaller perturbation is also a valid larger one), so robust accuracy never
+rises with eps. A sanity line says whether the numbers show signs of gradient masking:
+PGD no stronger than FGSM, accuracy rising with eps, images surviving a large eps (0.25
+or more), or a transfer attack from another model (--transfer-from) beating the white-box one.
 
 Writes to --out (default figures/):
   adversarial/exampleK_<class>_{original,noise,distorted,panel}.png  for --examples images
   adversarial/overview.png       all examples, one row each
   fgsm_accuracy.png              accuracy against epsilon (FGSM, and PGD with --attack pgd)
   adversarial.json               all numbers, including "what did it flip to" counts
+  compare_accuracy.png, compare.json   with --compare: a curve per model and attack
 """
 import contextlib
 import functools
@@ -46,6 +57,14 @@ DEFAULT_EPSILONS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
 # How far one pixel-scale unit reaches in the model's normalized space (2.0 for (x - 0.5) / 0.5):
 # taken from dataset.from_unit so the two can never disagree.
 EPS_SCALE = float(from_unit(torch.tensor(1.0)) - from_unit(torch.tensor(0.0)))
+
+
+def eps_text(epsilon):
+    """8/255 rather than 0.0313725: attack strengths are usually counted in pixel levels."""
+    levels = epsilon * 255
+    if 0 < epsilon < 0.1 and abs(levels - round(levels)) < 1e-6:
+        return f"{round(levels)}/255"
+    return f"{epsilon:g}"
 
 
 # ---------------------------------------------------------------------------
@@ -135,16 +154,42 @@ def _classify(model, images):
     return model(images).softmax(1)
 
 
-def attack_predictions(model, attack, images, labels, epsilon, batch_size, device, target=None):
-    """Predicted classes [N] (CPU) of the attacked images, attacked batch by batch on device."""
+def attack_success(pred, labels, target=None):
+    """Which attacked images the attack broke: misclassified, or (targeted) classified as target."""
+    return pred != labels if target is None else pred == target
+
+
+def attack_predictions(model, attack, images, labels, epsilon, batch_size, device, target=None, restarts=1):
+    """Predicted classes [N] (CPU) of the attacked images, attacked batch by batch on device.
+
+    With restarts > 1 the attack runs again on the images it has not broken yet, and each
+    image keeps a successful result if any run found one: the worst case per image.
+    """
     preds = []
     with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
-            adv = attack(model, x, y, epsilon, target=target)
-            preds.append(_classify(model, adv).argmax(1).cpu())
+            pred = _classify(model, attack(model, x, y, epsilon, target=target)).argmax(1)
+            for _ in range(restarts - 1):
+                still = ~attack_success(pred, y, target)
+                if not still.any():
+                    break
+                pred[still] = _classify(model, attack(model, x[still], y[still], epsilon, target=target)).argmax(1)
+            preds.append(pred.cpu())
     return torch.cat(preds)
+
+
+def transfer_attack(source, attack):
+    """An attack crafted on another model (black-box transfer): source's gradients, scored on the target.
+
+    A standard model's adversarial images fooling a defended model more often than that
+    model's own gradients do is the classic sign of a masked gradient.
+    """
+    def perturb(model, images, labels, epsilon, target=None):
+        return attack(source, images, labels, epsilon, target=target)
+
+    return perturb
 
 
 # ---------------------------------------------------------------------------
@@ -157,12 +202,23 @@ def flip_counts(true, pred):
             for t in range(len(CLASSES))}
 
 
+def balanced(correct, labels):
+    """Mean over the classes present of the share of their images marked correct."""
+    shares = [correct[labels == c].float().mean() for c in range(len(CLASSES)) if (labels == c).any()]
+    return float(sum(shares) / len(shares))
+
+
 def evaluate(model, attacks, images, labels, epsilons, batch_size, device, target=None, progress=True):
     """Attack every correctly classified (and, targeted, non-target) image at each epsilon.
 
-    attacks: {name: attack(model, x, y, eps, target=None)}. Returns (summary, adv_preds)
-    where adv_preds[name][eps] holds the attacked images' predicted classes.
+    attacks: {name: attack(model, x, y, eps, target=None)} or {name: (attack, restarts)}.
+    Untargeted, an image counts as robust at ε only if the attack failed at ε and at every
+    smaller ε of the sweep (a perturbation inside a smaller ball is inside the larger one),
+    so robust accuracy never rises with ε; the per-ε result is kept as *_this_epsilon.
+    With several attacks, "worst" is the worst case over all of them.
+    Returns (summary, adv_preds); adv_preds[name][eps] holds the attacked images' predicted classes.
     """
+    attacks = {name: a if isinstance(a, tuple) else (a, 1) for name, a in attacks.items()}
     clean_pred = predict_proba(model, images, device, batch_size).argmax(1)
     correct = clean_pred == labels
     attacked = correct if target is None else correct & (labels != target)
@@ -171,32 +227,113 @@ def evaluate(model, attacks, images, labels, epsilons, batch_size, device, targe
         raise UserError(f"no {who} images to attack; is the checkpoint trained?")
     idx = attacked.nonzero().flatten()
     x, y = images[idx], labels[idx]
-    untouched_correct = int((correct & ~attacked).sum())
     summary = {
         "dev_images": len(labels),
         "clean_correct": int(correct.sum()),
         # A ratio of counts, computed as accuracy_dev is, so that eps 0 matches it exactly.
         "clean_accuracy": int(correct.sum()) / len(labels),
+        "clean_balanced_accuracy": balanced(correct, labels),
         "attacked_images": len(idx),
         "attacked_index": idx.tolist(),
         "results": {},
     }
+    epsilons = sorted(epsilons)
     adv_preds = {name: {} for name in attacks}
-    jobs = [(name, eps) for eps in epsilons for name in attacks]
+    broken_at = {}  # (name, eps) -> attacked images broken at eps or at a smaller eps
+    jobs = [(name, eps) for name in attacks for eps in epsilons]
     for name, eps in tqdm(jobs, desc="attacking", unit="eps", disable=None if progress else True):
-        pred = attack_predictions(model, attacks[name], x, y, eps, batch_size, device, target)
+        attack, restarts = attacks[name]
+        pred = attack_predictions(model, attack, x, y, eps, batch_size, device, target, restarts)
         adv_preds[name][eps] = pred
-        still = int((pred == y).sum())
-        row = {
-            "epsilon": eps,
-            "accuracy_attacked": still / len(y),
-            "accuracy_dev": (untouched_correct + still) / len(labels),
-            "flips": flip_counts(y, pred),
-        }
-        if target is not None:
-            row["target_success"] = int((pred == target).sum()) / len(y)
+        success = attack_success(pred, y, target)
+        row = {"epsilon": eps, "accuracy_attacked_this_epsilon": float((pred == y).float().mean())}
+        if target is None:
+            smaller = [e for e in epsilons if e < eps]
+            broken = success | broken_at[(name, smaller[-1])] if smaller else success
+            broken_at[(name, eps)] = broken
+            row.update(_robust_row(broken, correct, idx, labels))
+        else:
+            still = pred == y
+            robust = correct.clone()
+            robust[idx] = still
+            row.update({"accuracy_attacked": float(still.float().mean()),
+                        "accuracy_dev": int(robust.sum()) / len(labels),
+                        "target_success": float(success.float().mean())})
+        row["flips"] = flip_counts(y, pred)
         summary["results"].setdefault(name, []).append(row)
+    if target is None and len(attacks) > 1:
+        summary["results"]["worst"] = [
+            {"epsilon": eps, **_robust_row(torch.stack([broken_at[(n, eps)] for n in attacks]).any(0),
+                                           correct, idx, labels)}
+            for eps in epsilons
+        ]
     return summary, adv_preds
+
+
+def _robust_row(broken, correct, idx, labels):
+    robust = correct.clone()
+    robust[idx] = ~broken
+    return {"accuracy_attacked": float((~broken).float().mean()),
+            "accuracy_dev": int(robust.sum()) / len(labels),
+            "balanced_dev": balanced(robust, labels)}
+
+
+LARGE_EPSILON = 0.25  # at this ε (64/255) a working attack leaves almost no image correct
+TOLERANCE = 0.01  # one point: smaller differences are noise of the random starts
+
+
+def masking_checks(summary, titles):
+    """(problems, checks passed) about the attack's gradients, as sentences.
+
+    A masked or obfuscated gradient makes a model look robust because the attack cannot
+    find the way, not because there is none. Signs of it: the iterative attack doing no
+    better than the single step, accuracy that rises with ε (before the sweep's running
+    minimum hides it), accuracy that stays up at an ε where every image should fall, and
+    an attack crafted on another model beating the white-box one.
+    """
+    results, problems, passed = summary["results"], [], []
+    eps = [r["epsilon"] for r in results["fgsm"]]
+    if "pgd" in results:
+        weaker = [e for e, f, p in zip(eps, results["fgsm"], results["pgd"])
+                  if p["accuracy_attacked_this_epsilon"] > f["accuracy_attacked_this_epsilon"] + TOLERANCE]
+        if weaker:
+            problems.append(f"{titles['pgd']} is weaker than FGSM at ε = {', '.join(map(eps_text, weaker))}")
+        else:
+            passed.append(f"{titles['pgd']} at least as strong as FGSM at every ε")
+    for name in (n for n in ("fgsm", "pgd") if n in results):
+        raw = [r["accuracy_attacked_this_epsilon"] for r in results[name]]
+        rises = [(eps[i], eps[i + 1]) for i in range(len(raw) - 1) if raw[i + 1] > raw[i] + TOLERANCE]
+        if rises:
+            a, b = rises[0]
+            problems.append(f"{titles[name]} leaves more images correct at ε = {eps_text(b)} than at ε = {eps_text(a)}")
+    worst = results.get("worst") or results["fgsm"]
+    large = [r for r in worst if r["epsilon"] >= LARGE_EPSILON]
+    if large:
+        left = large[-1]["accuracy_attacked"]
+        if left > 0.10:
+            problems.append(f"{left:.1%} of the attacked images survive ε = {large[-1]['epsilon']:g}, where a "
+                            "working attack leaves almost none")
+        else:
+            passed.append(f"{left:.1%} left at ε = {large[-1]['epsilon']:g}")
+    else:
+        passed.append(f"(no ε ≥ {LARGE_EPSILON:g} in the sweep, so the large-ε check did not run)")
+    if "transfer" in results:
+        white = [min(results[n][i]["accuracy_attacked_this_epsilon"] for n in ("fgsm", "pgd") if n in results)
+                 for i in range(len(eps))]
+        beaten = [e for e, w, t in zip(eps, white, results["transfer"])
+                  if t["accuracy_attacked_this_epsilon"] < w - TOLERANCE]
+        if beaten:
+            problems.append("the transfer attack beats the white-box attack at ε = " + ", ".join(map(eps_text, beaten)))
+        else:
+            passed.append("the transfer attack is no stronger than the white-box attack")
+    return problems, passed
+
+
+def sanity_line(summary, titles):
+    problems, passed = masking_checks(summary, titles)
+    if problems:
+        return "sanity: WARNING, possible gradient masking (do not trust these robust numbers): " + "; ".join(problems)
+    return "sanity: no sign of gradient masking: " + "; ".join(passed)
 
 
 def choose_examples(true, fooled, count, generator):
@@ -306,27 +443,56 @@ def save_examples(out_dir, examples, epsilon, attack_label, target=None):
     return records
 
 
+STYLES = {"fgsm": ("tab:blue", "o-"), "pgd": ("tab:red", "s-"), "transfer": ("tab:green", "^--"),
+          "worst": ("black", "d-")}
+
+
 def plot_accuracy(summary, path, target=None, titles=None):
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"fgsm": "tab:blue", "pgd": "tab:red"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, rows in summary["results"].items():
         eps = [r["epsilon"] for r in rows]
         label = (titles or {}).get(name, name.upper())
-        ax.plot(eps, [100 * r["accuracy_attacked"] for r in rows], "o-", color=styles.get(name),
-                label=f"{label}: attacked set")
-        ax.plot(eps, [100 * r["accuracy_dev"] for r in rows], "s--", color=styles.get(name), alpha=0.6,
-                label=f"{label}: whole dev set")
-        if target is not None:
-            ax.plot(eps, [100 * r["target_success"] for r in rows], "^:", color=styles.get(name),
+        colour, style = STYLES.get(name, (None, "o-"))
+        if target is None:
+            ax.plot(eps, [100 * r["accuracy_attacked"] for r in rows], style, color=colour,
+                    label=f"{label}: attacked set")
+            ax.plot(eps, [100 * r["balanced_dev"] for r in rows], style.replace("-", ":"), color=colour,
+                    alpha=0.6, label=f"{label}: dev, balanced")
+        else:
+            ax.plot(eps, [100 * r["accuracy_attacked"] for r in rows], style, color=colour,
+                    label=f"{label}: attacked set")
+            ax.plot(eps, [100 * r["target_success"] for r in rows], "^:", color=colour,
                     label=f"{label}: classified as {CLASSES[target]}")
     ax.set_xlabel("ε ([0, 1] pixel scale)")
     ax.set_ylabel("%")
-    kind = f"targeted → {CLASSES[target]}" if target is not None else "untargeted"
-    ax.set_title(f"Accuracy under attack ({kind}); clean dev accuracy {summary['clean_accuracy']:.1%}", fontsize=10)
+    kind = f"targeted → {CLASSES[target]}" if target is not None else "untargeted, worst case over ε' ≤ ε"
+    ax.set_title(f"Accuracy under attack ({kind})\nclean dev accuracy {summary['clean_accuracy']:.1%}, "
+                 f"balanced {summary['clean_balanced_accuracy']:.1%}", fontsize=10)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_compare(summaries, path, titles):
+    """One figure: balanced dev accuracy under each attack against ε, a colour per checkpoint."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    marks = {"fgsm": "o:", "pgd": "s--", "transfer": "^-.", "worst": "d-"}
+    for k, (model_name, summary) in enumerate(summaries.items()):
+        for name, rows in summary["results"].items():
+            ax.plot([r["epsilon"] for r in rows], [100 * r["balanced_dev"] for r in rows], marks.get(name, "o-"),
+                    color=colours[k % len(colours)], label=f"{model_name}: {titles.get(name, name)}",
+                    lw=2 if name == "worst" else 1.2)
+    ax.set_xlabel("ε ([0, 1] pixel scale)")
+    ax.set_ylabel("balanced accuracy on dev under attack (%)")
+    ax.set_title("Robustness compared (worst case over ε' ≤ ε; ε = 0 is clean accuracy)", fontsize=10)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -339,31 +505,47 @@ def print_tables(summary, target=None, titles=None):
     names = list(summary["results"])
     titles = {n: (titles or {}).get(n, n.upper()) for n in names}
     n, k, m = summary["dev_images"], summary["clean_correct"], summary["attacked_images"]
-    print(f"Clean: {k}/{n} dev images correct ({k / n:.1%}); attacking {m} of them"
-          + (f" (those whose true class is not {CLASSES[target]})" if target is not None else ""))
-    header = "ε (pixel)"
-    for name in names:
-        header += f" | {titles[name]} acc. attacked set | {titles[name]} acc. dev set"
-        if target is not None:
-            header += f" | {titles[name]} → {CLASSES[target]}"
-    print(header)
-    rows = zip(*(summary["results"][name] for name in names))
-    for row in rows:
-        line = f"{row[0]['epsilon']:>9g}"
-        for name, r in zip(names, row):
-            w = len(f" | {titles[name]} acc. attacked set") - 3
-            line += f" | {r['accuracy_attacked']:>{w}.1%} | {r['accuracy_dev']:>{w - 3}.1%}"
-            if target is not None:
-                line += f" | {r['target_success']:>{len(titles[name]) + 3 + len(CLASSES[target])}.1%}"
-        print(line)
+    print(f"Clean: {k}/{n} dev images correct ({k / n:.1%}, balanced {summary['clean_balanced_accuracy']:.1%}); "
+          f"attacking {m} of them" + (f" (those whose true class is not {CLASSES[target]})" if target is not None
+                                      else ""))
+    if target is None:
+        print("An image counts as robust at ε only if the attack failed at ε and at every smaller ε of the sweep.")
+        print(f"{'ε (pixel)':>9} | {'attack':<22} | {'attacked set':>12} | {'dev set':>7} | {'dev balanced':>12}")
+        for i, eps in enumerate(summary["results"][names[0]]):
+            for name in names:
+                r = summary["results"][name][i]
+                print(f"{eps_text(r['epsilon']):>9} | {titles[name]:<22} | {r['accuracy_attacked']:>12.1%} | "
+                      f"{r['accuracy_dev']:>7.1%} | {r['balanced_dev']:>12.1%}")
+    else:
+        print(f"{'ε (pixel)':>9} | {'attack':<22} | {'attacked set':>12} | {'dev set':>7} | "
+              f"{'→ ' + CLASSES[target]:>8}")
+        for i, _ in enumerate(summary["results"][names[0]]):
+            for name in names:
+                r = summary["results"][name][i]
+                print(f"{eps_text(r['epsilon']):>9} | {titles[name]:<22} | {r['accuracy_attacked']:>12.1%} | "
+                      f"{r['accuracy_dev']:>7.1%} | {r['target_success']:>8.1%}")
     pairs = [(t, p) for t in CLASSES for p in CLASSES if t != p]
     heads = [f"{t}→{p}" for t, p in pairs]
-    for name in names:
-        print(f"\n{titles[name]}: what the attacked images flipped to (true→predicted counts)")
+    for name in (n for n in names if n != "worst"):
+        print(f"\n{titles[name]}: what the attacked images flipped to at each ε (true→predicted counts)")
         print("ε (pixel) | " + " | ".join(heads))
         for r in summary["results"][name]:
             counts = (f"{r['flips'][t][p]:>{len(h)}}" for (t, p), h in zip(pairs, heads))
-            print(f"{r['epsilon']:>9g} | " + " | ".join(counts))
+            print(f"{eps_text(r['epsilon']):>9} | " + " | ".join(counts))
+
+
+def print_compare(summaries, titles):
+    names = [n for n in next(iter(summaries.values()))["results"]]
+    print("Balanced dev accuracy under attack (worst case over ε' ≤ ε; ε = 0 is the clean model)")
+    header = f"{'ε (pixel)':>9}"
+    columns = [(m, n) for m in summaries for n in names]
+    heads = [f"{m}: {titles.get(n, n)}" for m, n in columns]
+    print(header + "".join(f" | {h}" for h in heads))
+    rows = len(summaries[columns[0][0]]["results"][names[0]])
+    for i in range(rows):
+        eps = summaries[columns[0][0]]["results"][names[0]][i]["epsilon"]
+        cells = (f"{summaries[m]['results'][n][i]['balanced_dev']:>{len(h)}.1%}" for (m, n), h in zip(columns, heads))
+        print(f"{eps_text(eps):>9}" + "".join(f" | {c}" for c in cells))
 
 
 # ---------------------------------------------------------------------------
@@ -375,13 +557,16 @@ def parse_args(argv=None):
     eps_type = float_in(0, 1)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help=f"model to attack (default: {DEFAULT_CHECKPOINT}, written by trainer.py)")
+    parser.add_argument("--compare", nargs="+", metavar="CKPT",
+                        help="instead of one model, attack each of these and draw one comparison figure "
+                             "(compare_accuracy.png) with a curve per model and attack")
     parser.add_argument("--data", default=DEV_PATH, help=f"images to attack (default: {DEV_PATH})")
     parser.add_argument("--cifar-dir", help="local CIFAR-10 copy, used if the default data must be built")
     parser.add_argument("--out", default="figures", help="output folder (default: figures)")
     parser.add_argument("--epsilons", type=eps_type, nargs="+", default=list(DEFAULT_EPSILONS), metavar="EPS",
-                        help="attack strengths on the [0, 1] pixel scale, each in [0, 1] (default: "
-                             f"{' '.join(f'{e:g}' for e in DEFAULT_EPSILONS)}); the model's [-1, 1] inputs move "
-                             "by 2*EPS")
+                        help="attack strengths on the [0, 1] pixel scale, each in [0, 1], fractions allowed "
+                             f"(8/255) (default: {' '.join(f'{e:g}' for e in DEFAULT_EPSILONS)}); the model's "
+                             "[-1, 1] inputs move by 2*EPS")
     parser.add_argument("--attack", choices=("fgsm", "pgd"), default="fgsm",
                         help="fgsm: one signed-gradient step; pgd: iterated FGSM, evaluated next to FGSM "
                              "(default: fgsm)")
@@ -389,6 +574,12 @@ def parse_args(argv=None):
     parser.add_argument("--step-size", type=float_in(0, 1, low_open=True),
                         help="PGD step on the [0, 1] pixel scale (default: epsilon / 4)")
     parser.add_argument("--random-start", action="store_true", help="PGD starts at a random point of the ε-ball")
+    parser.add_argument("--restarts", type=int_in(1, 1000), default=1,
+                        help="PGD runs per image from random starts; an image counts as robust only if every "
+                             "run fails (implies --random-start when above 1) (default: 1)")
+    parser.add_argument("--transfer-from", metavar="CKPT",
+                        help="also attack with adversarial images crafted on this model (black-box transfer, "
+                             "e.g. a standard model against an adversarially trained one): a gradient-masking check")
     parser.add_argument("--target", choices=CLASSES,
                         help="targeted attack: push images of the other classes toward this class")
     parser.add_argument("--examples", type=int_in(0, 1000), default=6,
@@ -399,27 +590,90 @@ def parse_args(argv=None):
                         help="seed for example choice and PGD starts, 0 to 2**32-1 (default: 0)")
     parser.add_argument("--batch-size", type=positive_int, default=250, help="images per attack batch (default: 250)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.target is not None and (args.compare or args.transfer_from):
+        parser.error("--target cannot be combined with --compare or --transfer-from")
+    return args
+
+
+def load_checkpoint_arg(path, device):
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such checkpoint; train one with `python trainer.py` or pass --checkpoint PATH")
+    return load_model(path).to(device).eval()
+
+
+def make_attacks(args, device):
+    """{name: (attack, restarts)} and their display titles, from the flags."""
+    random_start = args.random_start or args.restarts > 1
+    pgd = functools.partial(pgd_perturb, steps=args.steps, step_size=args.step_size, random_start=random_start,
+                            generator=torch.Generator().manual_seed(args.seed))
+    attacks = {"fgsm": (fgsm_perturb, 1)}
+    titles = {"fgsm": "FGSM", "worst": "worst case"}
+    if args.attack == "pgd":
+        attacks["pgd"] = (pgd, args.restarts)
+        titles["pgd"] = f"PGD-{args.steps}" + (f" ×{args.restarts} restarts" if args.restarts > 1 else "")
+    if args.transfer_from:
+        source = load_checkpoint_arg(args.transfer_from, device)
+        attacks["transfer"] = (transfer_attack(source, pgd if args.attack == "pgd" else fgsm_perturb), 1)
+        titles["transfer"] = f"transfer from {Path(args.transfer_from).stem}"
+    return attacks, titles
+
+
+def report_definitions(target):
+    return {
+        "epsilon_scale": "epsilon on the [0, 1] pixel scale; 2*epsilon in the normalized [-1, 1] space",
+        "accuracy_attacked": "share of the attacked images (correctly classified"
+                             + (", true class != target" if target is not None else "")
+                             + ") still classified correctly"
+                             + ("" if target is not None else "; worst case over every epsilon <= this one"),
+        "accuracy_attacked_this_epsilon": "the same, from the attack at this epsilon alone",
+        "accuracy_dev": "share of all dev images classified correctly under attack; images not attacked keep "
+                        "their clean prediction",
+        "balanced_dev": "accuracy_dev per class, averaged over the classes",
+        "target_success": "share of the attacked images classified as the target class",
+        "worst": "an image is broken if any attack broke it",
+        "flips": "attacked images: {true class: {predicted class: count}}",
+    }
+
+
+def compare(args, device, images, labels, out):
+    attacks, titles = make_attacks(args, device)
+    summaries = {}
+    for path in args.compare:
+        model = load_checkpoint_arg(path, device)
+        summary, _ = evaluate(model, attacks, images, labels, sorted(set(args.epsilons)), args.batch_size, device)
+        summary.pop("attacked_index")
+        name = Path(path).stem
+        if name in summaries:
+            name = str(path)
+        summaries[name] = summary
+        print(f"{name}: clean balanced {summary['clean_balanced_accuracy']:.1%}; {sanity_line(summary, titles)}")
+    print()
+    print_compare(summaries, titles)
+    plot_compare(summaries, out / "compare_accuracy.png", titles)
+    report = {"checkpoints": list(args.compare), "data": str(args.data), "titles": titles,
+              "definitions": report_definitions(None), "seed": args.seed,
+              "sanity": {name: sanity_line(s, titles) for name, s in summaries.items()}, "models": summaries}
+    atomic_write(out / "compare.json", lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    print(f"\nSaved {out / 'compare_accuracy.png'} and {out / 'compare.json'}")
 
 
 def main():
     args = parse_args()
     device = pick_device(args.device)
     out = check_output_dir(args.out, "--out")
-    if not Path(args.checkpoint).exists():
-        raise UserError(f"{args.checkpoint}: no such checkpoint; train one with `python trainer.py` "
-                        "or pass --checkpoint PATH")
-    model = load_model(args.checkpoint).to(device).eval()
+    if args.compare:
+        for path in args.compare:
+            load_checkpoint_arg(path, device)  # every file checked before minutes of attacks
+    else:
+        model = load_checkpoint_arg(args.checkpoint, device)
     ensure_data(args.data, cifar_dir=args.cifar_dir)
     images, labels = load_pickle(args.data)
+    if args.compare:
+        compare(args, device, images, labels, out)
+        return
     target = None if args.target is None else CLASSES.index(args.target)
-
-    pgd = functools.partial(pgd_perturb, steps=args.steps, step_size=args.step_size,
-                            random_start=args.random_start, generator=torch.Generator().manual_seed(args.seed))
-    attacks = {"fgsm": fgsm_perturb}
-    if args.attack == "pgd":
-        attacks["pgd"] = pgd
-    titles = {"fgsm": "FGSM", "pgd": f"PGD-{args.steps}"}
+    attacks, titles = make_attacks(args, device)
     epsilons = sorted(set(args.epsilons))
     started = time.perf_counter()
     summary, adv_preds = evaluate(model, attacks, images, labels, epsilons, args.batch_size, device, target)
@@ -427,22 +681,26 @@ def main():
     print_tables(summary, target, titles)
     print(f"\n{len(epsilons)} epsilons × {', '.join(titles[a] for a in attacks)} on "
           f"{summary['attacked_images']} images took {seconds:.1f} s on {device}")
+    sanity = sanity_line(summary, titles) if target is None else None
+    if sanity:
+        print(sanity)
 
     plot_accuracy(summary, out / "fgsm_accuracy.png", target, titles)
 
     # Examples: chosen among images the shown attack fools at --example-epsilon where possible.
     shown, show_eps = args.attack, args.example_epsilon
+    attack = attacks[shown][0]
     attacked_index = torch.tensor(summary["attacked_index"], dtype=torch.long)
     x_att, y_att = images[attacked_index], labels[attacked_index]
     pred = adv_preds[shown].get(show_eps)
     if pred is None:
-        pred = attack_predictions(model, attacks[shown], x_att, y_att, show_eps, args.batch_size, device, target)
-    fooled = pred != y_att if target is None else pred == target
+        pred = attack_predictions(model, attack, x_att, y_att, show_eps, args.batch_size, device, target)
+    fooled = attack_success(pred, y_att, target)
     picks = choose_examples(y_att, fooled, args.examples, torch.Generator().manual_seed(args.seed))
     examples = []
     if picks:
         x, y = x_att[picks].to(device), y_att[picks].to(device)
-        distorted = attacks[shown](model, x, y, show_eps, target=target)
+        distorted = attack(model, x, y, show_eps, target=target)
         if shown == "fgsm":
             with eval_mode(model):
                 noise = attack_direction(model, x, y, target)
@@ -464,22 +722,17 @@ def main():
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
         "device": str(device),
-        "epsilon_scale": "epsilon on the [0, 1] pixel scale; 2*epsilon in the normalized [-1, 1] space",
-        "accuracy_definitions": {
-            "accuracy_attacked": "share of the attacked images (correctly classified"
-                                 + (", true class != target" if target is not None else "")
-                                 + ") still classified correctly",
-            "accuracy_dev": "share of all dev images classified correctly; images not attacked keep their clean "
-                            "prediction",
-            "target_success": "share of the attacked images classified as the target class",
-            "flips": "attacked images: {true class: {predicted class: count}}",
-        },
+        "definitions": report_definitions(target),
         "attack": args.attack,
+        "titles": titles,
         "target": args.target,
         "pgd": {"steps": args.steps, "step_size": args.step_size or "epsilon/4",
-                "random_start": args.random_start} if args.attack == "pgd" else None,
+                "random_start": args.random_start or args.restarts > 1,
+                "restarts": args.restarts} if args.attack == "pgd" else None,
+        "transfer_from": args.transfer_from,
         "seed": args.seed,
         "seconds": round(seconds, 2),
+        "sanity": sanity,
         **{k: v for k, v in summary.items() if k != "attacked_index"},
         "example_epsilon": show_eps,
         "examples": records,

@@ -8,6 +8,7 @@ of training), and results are written atomically so a crash never leaves half a 
 """
 import argparse
 import contextlib
+import fractions
 import math
 import os
 import re
@@ -109,7 +110,10 @@ def int_in(low, high=None):
 
 
 def float_in(low, high=math.inf, low_open=False, high_open=False):
-    """argparse type: a finite number in the interval low..high (open ends as given)."""
+    """argparse type: a finite number in the interval low..high (open ends as given).
+
+    Fractions are accepted too ("8/255"), the way attack strengths are usually written.
+    """
     left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
     span = f"{left}{low:g}, {'inf' if high == math.inf else f'{high:g}'}{right}"
 
@@ -117,7 +121,10 @@ def float_in(low, high=math.inf, low_open=False, high_open=False):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}") from None
+            try:
+                value = float(fractions.Fraction(text))
+            except (ValueError, ZeroDivisionError):
+                raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}") from None
         inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
         if not math.isfinite(value) or not inside:
             raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {text}")

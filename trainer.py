@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
+from adversarialExample import EPS_SCALE, eval_mode, fgsm_perturb, pgd_perturb
 from cli import (
     ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, exclusive_lock,
     float_in, int_in, pick_device, read_input_file, run_main, seed_type,
@@ -69,6 +70,21 @@ def parse_args(argv=None):
     parser.add_argument("--repair-pairs", choices=("directional", "all"), default="directional",
                         help="directional: act only on one-way confusions (label noise), not on classes the "
                              "model mixes up both ways; all: act on every flag (default: directional)")
+    parser.add_argument("--adversarial", choices=("none", "fgsm-rs", "pgd", "fgsm"), default="none",
+                        help="adversarial training: fgsm-rs: FGSM from a random start in the eps-ball, step "
+                             "1.25*eps (Wong et al. 2020); pgd: PGD from a random start, --adv-steps steps (Madry "
+                             "et al. 2018); fgsm: plain FGSM without random start (prone to catastrophic "
+                             "overfitting, for comparison) (default: none)")
+    parser.add_argument("--adv-epsilon", type=float_in(0, 1, low_open=True), default=8 / 255, metavar="EPS",
+                        help="adversarial training radius on the [0, 1] pixel scale, fractions allowed "
+                             "(default: 8/255, about 0.031)")
+    parser.add_argument("--adv-steps", type=int_in(1, 1000), default=7, help="PGD training steps (default: 7)")
+    parser.add_argument("--adv-step-size", type=float_in(0, 1, low_open=True), metavar="STEP",
+                        help="attack step on the pixel scale (default: 1.25*eps for fgsm-rs, eps for fgsm, "
+                             "max(eps/4, 2.5*eps/steps) for pgd)")
+    parser.add_argument("--robust-eval", type=int_in(0, 100_000), default=256, metavar="N",
+                        help="with --adversarial: per epoch, FGSM and PGD-10 accuracy at --adv-epsilon on a fixed "
+                             "random subset of N dev images (0: off) (default: 256)")
     parser.add_argument("--lr-sweep", type=lr_type, nargs="+", metavar="LR",
                         help="instead of training, run short runs at these rates and plot loss against steps")
     parser.add_argument("--sweep-steps", type=int_in(1, 1_000_000), default=300, help="steps per --lr-sweep run (default: 300)")
@@ -166,6 +182,85 @@ def make_optimizer(model, args, steps_total):
     return optimizer, scheduler
 
 
+# ---------------------------------------------------------------------------
+# Adversarial training
+
+
+def adv_step_size(args):
+    if args.adv_step_size is not None:
+        return args.adv_step_size
+    if args.adversarial == "fgsm-rs":
+        return 1.25 * args.adv_epsilon  # Wong, Rice & Kolter 2020: 1.25*eps from a uniform start
+    if args.adversarial == "pgd":
+        return max(args.adv_epsilon / 4, 2.5 * args.adv_epsilon / args.adv_steps)  # Madry et al.'s 2.5*eps/k
+    return args.adv_epsilon
+
+
+def adversarial_batch(model, x, y, args, generator):
+    """The batch to train on: x itself, or the attacked x inside the eps-ball (in [-1, 1]).
+
+    x is the augmented batch, so the attack sees what the model sees. The model stays in
+    train mode as in Wong et al. and Madry et al. The random start is drawn from the epoch's
+    generator, so runs and resumed runs repeat exactly.
+    """
+    if args.adversarial == "none":
+        return x
+    radius = EPS_SCALE * args.adv_epsilon
+    step = EPS_SCALE * adv_step_size(args)
+    steps = args.adv_steps if args.adversarial == "pgd" else 1
+    if args.adversarial == "fgsm":
+        delta = torch.zeros_like(x)
+    else:
+        delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * radius).to(x.device)
+        delta = (x + delta).clamp(-1, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)  # input gradient only: the weights' .grad stay untouched
+        delta = (delta.detach() + step * grad.sign()).clamp(-radius, radius)
+        delta = (x + delta).clamp(-1, 1) - x
+    return (x + delta).detach()
+
+
+@torch.no_grad()
+def _accuracy(model, x, y):
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def robust_accuracy(model, x, y, args, generator):
+    """Clean, FGSM and PGD-10 (random start) accuracy on a fixed dev subset at --adv-epsilon.
+
+    Catastrophic overfitting shows here first: FGSM accuracy stays high while PGD
+    accuracy collapses to about zero within an epoch.
+    """
+    with eval_mode(model):
+        return {
+            "clean": _accuracy(model, x, y),
+            "fgsm": _accuracy(model, fgsm_perturb(model, x, y, args.adv_epsilon), y),
+            "pgd": _accuracy(model, pgd_perturb(model, x, y, args.adv_epsilon, steps=10, random_start=True,
+                                                generator=generator), y),
+        }
+
+
+def catastrophic_overfitting(history):
+    """The first epoch whose PGD accuracy collapsed while FGSM accuracy stayed high, or None.
+
+    The known failure of FGSM training (Wong et al. 2020): within an epoch the model learns
+    to defeat the single-step attack by bending its loss surface, and robustness to a real
+    (multi-step) attack falls to about zero.
+    """
+    best = 0.0
+    for h in history:
+        robust = h.get("robust")
+        if not robust:
+            continue
+        collapsed = robust["pgd"] <= max(0.05, 0.25 * best) and best >= 0.15
+        if collapsed and robust["fgsm"] - robust["pgd"] >= 0.3:
+            return h["epoch"]
+        best = max(best, robust["pgd"])
+    return None
+
+
 def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, losses=None):
     """One pass of len(labels) sampled, augmented images; returns the loss of every step
     (appended to `losses` when given, so a caller keeps them if the epoch fails).
@@ -187,6 +282,7 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
             x_chunk = augment_batch(x_chunk, generator)
         for b in range(0, len(idx), args.batch_size):
             x, y = x_chunk[b : b + args.batch_size], y_chunk[b : b + args.batch_size]
+            x = adversarial_batch(model, x, y, args, generator)
             loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -229,7 +325,8 @@ def out_of_fold_probabilities(images, labels, args, device):
     folds = StratifiedKFold(n_splits=args.repair_folds, shuffle=True, random_state=args.seed)
     probs = torch.zeros(len(labels), len(CLASSES))
     # The fold models are SimpleModels whatever --model is: k of them must fit in the time budget.
-    fold_args = argparse.Namespace(**{**vars(args), **RECIPES["simple"], "model": "simple"})
+    # They train plainly even when the final model trains adversarially: they only rank labels.
+    fold_args = argparse.Namespace(**{**vars(args), **RECIPES["simple"], "model": "simple", "adversarial": "none"})
     for k, (train_idx, held_idx) in enumerate(folds.split(labels.numpy(), labels.numpy())):
         train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
         model = fit(images[train_idx], labels[train_idx], fold_args, device, args.repair_epochs, f"fold{k + 1}")
@@ -468,7 +565,7 @@ def resume_path(out):
 
 RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
             "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
-            "seed", "data")
+            "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval")
 
 
 def data_fingerprint(images, labels):
@@ -556,6 +653,11 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
         history, first_epoch = state["history"], state["epoch"] + 1
 
     config = {k: getattr(args, k) for k in RUN_KEYS}
+    robust_x = robust_y = None
+    if args.adversarial != "none" and args.robust_eval:
+        # A fixed subset, the same every epoch and after a resume, so the numbers compare.
+        subset = torch.randperm(len(dev_y), generator=torch.Generator().manual_seed(args.seed))[: args.robust_eval]
+        robust_x, robust_y = dev_x[subset].to(device), dev_y[subset].to(device)
     start = time.time()
     bar = tqdm(range(first_epoch, args.epochs + 1), initial=first_epoch - 1, total=args.epochs,
                desc="epochs", file=sys.stderr)
@@ -569,10 +671,22 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                                 f"(--lr {args.lr:g}); the last good state is in {state_path}") from None
             dev = compute_metrics(dev_y.numpy(), predict_proba(model, dev_x, device).argmax(1).numpy())
             history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "dev": dev})
+            line = f"epoch {epoch:3d}  loss {history[-1]['loss']:.4f}  dev " + "  ".join(
+                f"{n} {dev['per_class'][n]['accuracy']:.3f}" for n in CLASSES) + \
+                f"  balanced {dev['balanced_accuracy']:.4f}"
+            if robust_x is not None:
+                robust = robust_accuracy(model, robust_x, robust_y, args, seeded(args.seed, "robust", epoch))
+                history[-1]["robust"] = robust
+                line += f"  |  {len(robust_y)} dev images at eps {args.adv_epsilon:.4g}: clean {robust['clean']:.3f}" \
+                        f" fgsm {robust['fgsm']:.3f} pgd {robust['pgd']:.3f}"
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", bal=f"{dev['balanced_accuracy']:.3f}")
-            tqdm.write(f"epoch {epoch:3d}  loss {history[-1]['loss']:.4f}  dev " + "  ".join(
-                f"{n} {dev['per_class'][n]['accuracy']:.3f}" for n in CLASSES) +
-                f"  balanced {dev['balanced_accuracy']:.4f}", file=sys.stderr)
+            tqdm.write(line, file=sys.stderr)
+            overfit = catastrophic_overfitting(history)
+            if overfit is not None and overfit == epoch:
+                tqdm.write(f"warning: catastrophic overfitting in epoch {epoch}: PGD accuracy on the dev subset "
+                           f"collapsed to {history[-1]['robust']['pgd']:.3f} while FGSM accuracy is "
+                           f"{history[-1]['robust']['fgsm']:.3f}; the model defeats the single-step attack only. "
+                           "Use --adversarial fgsm-rs or pgd, or a smaller --adv-epsilon", file=sys.stderr)
             # The checkpoint first, then the resume state: a kill between them loses nothing.
             save_checkpoint(model, args.out)
             snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -593,6 +707,14 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     final = history[-1]["dev"]
     summary = {"checkpoint": str(args.out), "config": config, "train_seconds": round(elapsed, 1),
                "history": history, "final_dev": final}
+    if args.adversarial != "none":
+        overfit = catastrophic_overfitting(history)
+        summary["adversarial"] = {
+            "method": args.adversarial, "epsilon": args.adv_epsilon, "epsilon_scale": "[0, 1] pixels",
+            "steps": args.adv_steps if args.adversarial == "pgd" else 1, "step_size": adv_step_size(args),
+            "random_start": args.adversarial != "fgsm", "catastrophic_overfitting_epoch": overfit,
+            "final_robust": history[-1].get("robust"),
+        }
     atomic_write(Path(args.figures) / "training.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     print(format_metrics(final))
     print(f"Saved {args.out} ({elapsed:.0f}s of training) and {Path(args.figures) / 'training_curves.png'}")

@@ -54,6 +54,12 @@ def child(request):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
             resource.setrlimit(resource.RLIMIT_FSIZE, (request["file_size"],) * 2)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if request["env"].get("OMP_NUM_THREADS", "").isdigit():
+            # The server's OpenMP runtime read the variable when torch was imported; a child asking
+            # for another thread count has to say so to torch directly.
+            import torch
+
+            torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
         script = request["script"]
         sys.argv = [script, *request["args"]]
         sys.path[0] = os.path.dirname(script)

@@ -170,8 +170,10 @@ def wait_for(path, timeout=120):
         time.sleep(0.02)
 
 
-def test_kill_9_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
-    flags = ("--epochs", "6", "--fix-labels", "none")
+@pytest.mark.parametrize("flags", [("--epochs", "6", "--fix-labels", "none"),
+                                   ("--epochs", "3", "--fix-labels", "none", "--adversarial", "fgsm-rs",
+                                    "--robust-eval", "32")], ids=["standard", "adversarial"])
+def test_kill_9_then_resume_matches_an_uninterrupted_run(small_data, tmp_path, flags):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     full = subprocess.run(train_cmd(small_data, tmp_path / "a", *flags), capture_output=True, text=True)
@@ -184,7 +186,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(small_data, tmp_path):
     proc.wait()
     saved = torch.load(tmp_path / "b" / "m.resume.pt", weights_only=True)["epoch"]
     load_model(tmp_path / "b" / "m.ckpt")  # a valid checkpoint survived the kill
-    assert 1 <= saved < 6
+    assert 1 <= saved < int(flags[1])
 
     resumed = subprocess.run(train_cmd(small_data, tmp_path / "b", *flags, "--resume"), capture_output=True,
                              text=True)

@@ -1,0 +1,268 @@
+"""Adversarial training (trainer.py --adversarial) and an evaluation that gradient masking cannot fool
+(adversarialExample.py: restarts, a monotone sweep, sanity checks, transfer, --compare)."""
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import adversarialExample as adv
+import trainer
+from conftest import run_script
+from dataset import from_unit, load_pickle, to_unit
+from models import SimpleModel, load_model
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def args_for(method, **extra):
+    return argparse.Namespace(adversarial=method, adv_epsilon=EPS, adv_steps=3, adv_step_size=None, **extra)
+
+
+def batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    x[:, :, :4] = 1.0  # pixels at the edge of the range: the clamp must act
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+# ---------------------------------------------------------------------------
+# Training attacks: mechanics
+
+
+@pytest.mark.parametrize("method", ["fgsm-rs", "pgd", "fgsm"])
+def test_training_attack_stays_in_the_ball_and_the_image_range(method):
+    torch.manual_seed(0)
+    model = SimpleModel()
+    x, y = batch()
+    out = trainer.adversarial_batch(model, x, y, args_for(method), torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and not out.requires_grad
+    assert (out - x).abs().max() <= 2 * EPS + 1e-6  # the ball, in the normalized [-1, 1] space
+    assert out.min() >= -1 and out.max() <= 1
+    assert (out - x).abs().max() > 1.5 * EPS  # it did move
+    assert all(p.grad is None for p in model.parameters()), "the attack touched the weights' gradients"
+
+
+def test_random_start_is_uniform_in_the_ball_and_seeded():
+    model = SimpleModel()
+    model.fc3.weight.data.zero_()  # zero input gradient: only the random start moves the images
+    model.fc3.bias.data.zero_()
+    x = torch.zeros(64, 3, 32, 32)
+    y = torch.zeros(64, dtype=torch.long)
+    a = trainer.adversarial_batch(model, x, y, args_for("fgsm-rs"), torch.Generator().manual_seed(3))
+    b = trainer.adversarial_batch(model, x, y, args_for("fgsm-rs"), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    delta = a - x
+    assert delta.abs().max() <= 2 * EPS + 1e-6
+    assert abs(float(delta.mean())) < 0.05 * 2 * EPS and float(delta.abs().mean()) > 0.4 * 2 * EPS
+    plain = trainer.adversarial_batch(model, x, y, args_for("fgsm"), torch.Generator().manual_seed(3))
+    assert torch.equal(plain, x)  # no random start, no gradient: nothing moves
+
+
+def test_fgsm_rs_step_is_one_and_a_quarter_epsilon():
+    args = args_for("fgsm-rs")
+    assert trainer.adv_step_size(args) == pytest.approx(1.25 * EPS)
+    assert trainer.adv_step_size(args_for("pgd")) == pytest.approx(max(EPS / 4, 2.5 * EPS / 3))
+
+
+def test_the_training_attack_sees_the_augmented_batch(monkeypatch, tmp_path):
+    seen = []
+    real_attack, real_augment = trainer.adversarial_batch, trainer.augment_batch
+    augmented = []
+
+    def augment(images, generator, **kw):
+        out = real_augment(images, generator, **kw)
+        augmented.append(out)
+        return out
+
+    def attack(model, x, y, args, generator):
+        seen.append(x)
+        return real_attack(model, x, y, args, generator)
+
+    monkeypatch.setattr(trainer, "augment_batch", augment)
+    monkeypatch.setattr(trainer, "adversarial_batch", attack)
+    args = trainer.parse_args(["--adversarial", "fgsm-rs", "--batch-size", "8", "--fix-labels", "none"])
+    images, labels = batch(24)
+    model = SimpleModel()
+    optimizer, scheduler = trainer.make_optimizer(model, args, 10)
+    trainer.run_epoch(model, optimizer, scheduler, images, labels, args, torch.Generator().manual_seed(0), "cpu")
+    assert len(seen) == 3
+    assert torch.equal(torch.cat(seen), augmented[0])
+
+
+def test_catastrophic_overfitting_detector():
+    def history(*pairs):
+        return [{"epoch": i + 1, "robust": {"fgsm": f, "pgd": p}} for i, (f, p) in enumerate(pairs)]
+
+    assert trainer.catastrophic_overfitting(history((0.5, 0.4), (0.55, 0.42), (0.9, 0.01))) == 3
+    assert trainer.catastrophic_overfitting(history((0.5, 0.4), (0.55, 0.42), (0.6, 0.45))) is None
+    # A model that never was robust has nothing to collapse from.
+    assert trainer.catastrophic_overfitting(history((0.1, 0.02), (0.3, 0.01))) is None
+    # Both attacks falling together is ordinary weakness, not overfitting to FGSM.
+    assert trainer.catastrophic_overfitting(history((0.5, 0.4), (0.05, 0.02))) is None
+
+
+# ---------------------------------------------------------------------------
+# Real runs on small CIFAR-10 data
+
+
+def train(small_data, tmp_path, name, *flags, epochs=8):
+    out = tmp_path / f"{name}.ckpt"
+    result = run_script("trainer.py", "--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle",
+                        "--fix-labels", "none", "--epochs", epochs, "--out", out, "--figures", tmp_path / name,
+                        *flags, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def standard_and_robust(small_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("robust")
+    standard, _ = train(small_data, tmp, "standard")
+    robust, log = train(small_data, tmp, "fgsm_rs", "--adversarial", "fgsm-rs", "--robust-eval", "64")
+    return standard, robust, log, tmp
+
+
+def robust_accuracy(ckpt, x, y, epsilon):
+    model = load_model(ckpt)
+    attack = lambda m, a, b, e, target=None: adv.pgd_perturb(m, a, b, e, steps=10, random_start=True,  # noqa: E731
+                                                              generator=torch.Generator().manual_seed(0))
+    summary, _ = adv.evaluate(model, {"pgd": attack}, x, y, [epsilon], 250, "cpu", progress=False)
+    return summary["results"]["pgd"][0]["balanced_dev"]
+
+
+def test_fgsm_rs_training_raises_robust_accuracy(standard_and_robust, small_data):
+    standard, robust, log, tmp = standard_and_robust
+    x, y = load_pickle(small_data / "dev.pickle")
+    assert robust_accuracy(robust, x, y, EPS) > robust_accuracy(standard, x, y, EPS) + 0.05
+    # The run reported clean and robust accuracy every epoch and recorded its settings.
+    assert log.stderr.count("pgd ") >= 8
+    record = json.loads((tmp / "fgsm_rs" / "training.json").read_text())
+    assert record["adversarial"]["method"] == "fgsm-rs" and record["adversarial"]["epsilon"] == pytest.approx(EPS)
+    assert record["adversarial"]["catastrophic_overfitting_epoch"] is None
+    assert {"clean", "fgsm", "pgd"} <= set(record["history"][-1]["robust"])
+    # The checkpoint is the course format, loadable by the course's own API.
+    assert list(torch.load(robust, weights_only=True)) == ["model_state_dict"]
+    SimpleModel().load(robust)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation that cannot be fooled
+
+
+class Rounds(nn.Module):
+    """A deliberately masked model: it rounds its input, so every input gradient is zero."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 4) / 4)
+
+
+@pytest.fixture(scope="module")
+def briefly_trained(small_data):
+    torch.manual_seed(0)
+    x, y = load_pickle(small_data / "train.pickle")
+    weights = (1.0 / torch.bincount(y, minlength=3).float())[y]
+    model = SimpleModel()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(250):
+        pick = torch.multinomial(weights, 64, replacement=True)
+        loss = F.cross_entropy(model(x[pick]), y[pick])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dev_x, dev_y = load_pickle(small_data / "dev.pickle")
+    return model.eval(), dev_x, dev_y
+
+
+def pgd(restarts=1, steps=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (lambda m, x, y, e, target=None: adv.pgd_perturb(m, x, y, e, steps=steps, random_start=True, generator=g,
+                                                            target=target), restarts)
+
+
+def test_sanity_check_fires_on_a_masked_model_and_not_on_a_plain_one(briefly_trained):
+    model, x, y = briefly_trained
+    titles = {"fgsm": "FGSM", "pgd": "PGD-10", "transfer": "transfer"}
+    attacks = {"fgsm": adv.fgsm_perturb, "pgd": pgd()}
+    eps = [0, 2 / 255, 8 / 255, 0.3]
+    plain, _ = adv.evaluate(model, attacks, x, y, eps, 250, "cpu", progress=False)
+    assert adv.masking_checks(plain, titles)[0] == [], adv.sanity_line(plain, titles)
+
+    masked = Rounds(model).eval()
+    attacks["transfer"] = (adv.transfer_attack(model, pgd()[0]), 1)
+    summary, _ = adv.evaluate(masked, attacks, x, y, eps, 250, "cpu", progress=False)
+    problems, _ = adv.masking_checks(summary, titles)
+    line = adv.sanity_line(summary, titles)
+    assert line.startswith("sanity: WARNING")
+    assert any("survive ε = 0.3" in p for p in problems), problems
+    assert any("transfer attack beats" in p for p in problems), problems
+
+
+def test_sweep_never_rises_with_epsilon_and_restarts_are_never_weaker(briefly_trained):
+    model, x, y = briefly_trained
+    eps = [0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
+    one, _ = adv.evaluate(model, {"pgd": pgd(1, steps=3)}, x, y, eps, 250, "cpu", progress=False)
+    five, _ = adv.evaluate(model, {"pgd": pgd(5, steps=3)}, x, y, eps, 250, "cpu", progress=False)
+    for rows in (one["results"]["pgd"], five["results"]["pgd"]):
+        accs = [r["accuracy_attacked"] for r in rows]
+        assert accs == sorted(accs, reverse=True)
+        assert all(r["accuracy_attacked"] <= r["accuracy_attacked_this_epsilon"] for r in rows)
+    for a, b in zip(one["results"]["pgd"], five["results"]["pgd"]):
+        assert b["accuracy_attacked_this_epsilon"] <= a["accuracy_attacked_this_epsilon"] + 1e-9
+    assert five["results"]["pgd"][2]["accuracy_attacked"] < 1.0
+
+
+def test_attacks_agree_with_torchattacks(briefly_trained):
+    import torchattacks  # requirements-dev.txt
+    model, x, y = briefly_trained
+    pixels = to_unit(x)
+    on_pixels = nn.Sequential(Lambda(from_unit), model).eval()  # the library works on [0, 1] images
+    ours = to_unit(adv.fgsm_perturb(model, x, y, EPS))
+    theirs = torchattacks.FGSM(on_pixels, eps=EPS)(pixels, y)
+    assert (ours - theirs).abs().max() < 1e-5
+
+    lib_pgd = torchattacks.PGD(on_pixels, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
+    torch.manual_seed(0)
+    lib_acc = float((model(from_unit(lib_pgd(pixels, y))).argmax(1) == y).float().mean())
+    our_adv = adv.pgd_perturb(model, x, y, EPS, steps=10, random_start=True, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        our_acc = float((model(our_adv).argmax(1) == y).float().mean())
+    assert our_acc <= lib_acc + 0.01, (our_acc, lib_acc)
+    assert our_acc < float((model(x).argmax(1) == y).float().mean())  # the attack did something
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_compare_draws_one_figure_with_a_curve_per_model(standard_and_robust, small_data, tmp_path):
+    standard, robust, _, _ = standard_and_robust
+    result = run_script("adversarialExample.py", "--compare", standard, robust, "--data", small_data / "dev.pickle",
+                        "--attack", "pgd", "--steps", "3", "--restarts", "2", "--epsilons", "0", "2/255", "8/255",
+                        "--out", tmp_path, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "compare_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert set(report["models"]) == {"standard", "fgsm_rs"}
+    for summary in report["models"].values():
+        assert [r["epsilon"] for r in summary["results"]["worst"]] == pytest.approx([0, 2 / 255, 8 / 255])
+    assert "standard: PGD-3 ×2 restarts" in result.stdout and "2/255" in result.stdout
