@@ -27,6 +27,7 @@ Writes to --out (default figures/):
 import contextlib
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from cli import (
     ArgumentParser, UserError, atomic_write, check_output_dir, float_in, int_in, pick_device,
     positive_int, run_main, seed_type,
 )
-from dataset import CLASSES, DEV_PATH, ensure_data, from_unit, load_pickle, pyplot, save_figure, to_unit
+from dataset import CLASSES, DEV_PATH, from_unit, load_labeled_data, pyplot, save_figure, to_unit, warn_skipped
 from models import load_model, predict_proba
 
 DEFAULT_CHECKPOINT = "checkpoints/trained.ckpt"
@@ -375,7 +376,12 @@ def parse_args(argv=None):
     eps_type = float_in(0, 1)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help=f"model to attack (default: {DEFAULT_CHECKPOINT}, written by trainer.py)")
-    parser.add_argument("--data", default=DEV_PATH, help=f"images to attack (default: {DEV_PATH})")
+    parser.add_argument("--data", default=DEV_PATH,
+                        help="images to attack: a course data pickle, or a folder with class subfolders car/ (or "
+                             f"automobile/), truck/ and cat/ holding image files (default: {DEV_PATH})")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="with an image folder: skip files that cannot be read (a warning line each) instead "
+                             "of stopping at the first")
     parser.add_argument("--cifar-dir", help="local CIFAR-10 copy, used if the default data must be built")
     parser.add_argument("--out", default="figures", help="output folder (default: figures)")
     parser.add_argument("--epsilons", type=eps_type, nargs="+", default=list(DEFAULT_EPSILONS), metavar="EPS",
@@ -410,8 +416,7 @@ def main():
         raise UserError(f"{args.checkpoint}: no such checkpoint; train one with `python trainer.py` "
                         "or pass --checkpoint PATH")
     model = load_model(args.checkpoint).to(device).eval()
-    ensure_data(args.data, cifar_dir=args.cifar_dir)
-    images, labels = load_pickle(args.data)
+    images, labels, files, skipped = load_labeled_data(args.data, args.cifar_dir, args.skip_bad)
     target = None if args.target is None else CLASSES.index(args.target)
 
     pgd = functools.partial(pgd_perturb, steps=args.steps, step_size=args.step_size,
@@ -459,10 +464,14 @@ def main():
     if target is not None:
         label += f" → {CLASSES[target]}"
     records = save_examples(out / "adversarial", examples, show_eps, label, target)
+    if files is not None:  # an image folder: name the photo behind each example
+        for record in records:
+            record["file"] = str(files[record["dev_index"]])
 
     report = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
+        **({"skipped": skipped} if files is not None else {}),
         "device": str(device),
         "epsilon_scale": "epsilon on the [0, 1] pixel scale; 2*epsilon in the normalized [-1, 1] space",
         "accuracy_definitions": {
@@ -489,6 +498,8 @@ def main():
     json_path = out / "adversarial.json"
     atomic_write(json_path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
     print(f"Saved {out / 'fgsm_accuracy.png'}, {len(records)} examples in {out / 'adversarial'}/ and {json_path}")
+    sys.stdout.flush()
+    warn_skipped(skipped, len(labels))
 
 
 if __name__ == "__main__":
