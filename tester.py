@@ -214,8 +214,8 @@ def plot_predictions(images, records, path, title):
     """A grid of the 32x32 images the model saw (at most GRID_MAX), each titled with its prediction."""
     plt = pyplot()
     shown = min(len(records), GRID_MAX)
-    cols = min(shown, 8)
-    rows = math.ceil(shown / cols)
+    rows = math.ceil(shown / 8)  # at most 8 a row, rows filled evenly: 10 images are 2 rows of 5
+    cols = math.ceil(shown / rows)
     fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols + 0.3, 1.7 * rows + 0.6), squeeze=False)
     for k, ax in enumerate(axes.flat):
         if k >= shown:
