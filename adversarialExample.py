@@ -39,7 +39,9 @@ from cli import (
     ArgumentParser, UserError, atomic_write, check_output_dir, float_in, int_in, pick_device,
     positive_int, run_main, seed_type,
 )
-from dataset import CLASSES, DEV_PATH, from_unit, load_labeled_data, pyplot, save_figure, to_unit, warn_skipped
+from dataset import (
+    CLASSES, DEV_PATH, from_unit, load_labeled_data, printable_path, pyplot, save_figure, to_unit, warn_skipped,
+)
 from models import load_model, predict_proba
 
 DEFAULT_CHECKPOINT = "checkpoints/trained.ckpt"
@@ -466,7 +468,7 @@ def main():
     records = save_examples(out / "adversarial", examples, show_eps, label, target)
     if files is not None:  # an image folder: name the photo behind each example
         for record in records:
-            record["file"] = str(files[record["dev_index"]])
+            record["file"] = printable_path(files[record["dev_index"]])
 
     report = {
         "checkpoint": str(args.checkpoint),

@@ -625,6 +625,12 @@ def _list_folder(folder):
     return subfolders, files
 
 
+def printable_path(path):
+    r"""path as text that any output can take: bytes that are not UTF-8 in a file name (an old
+    camera's Latin-1 "caf\xe9.jpg") are shown as \xNN escapes instead of breaking the figure or JSON."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _names(paths, limit=4, folders=False):
     shown = ", ".join(p.name + "/" * folders for p in paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
@@ -659,7 +665,7 @@ def _load_each(paths, skip_bad):
             if not skip_bad:
                 raise UserError(f"{e.path}: {e.problem} ({e.advice}, {SKIP_HINT})") from None
             _warn(f"{e.path}: {e.problem}; skipped")
-            skipped.append({"path": str(path), "problem": e.problem})
+            skipped.append({"path": printable_path(path), "problem": e.problem})
             continue
         images[len(kept)] = from_unit(pixels.float() / 255)
         kept.append(i)

@@ -33,7 +33,8 @@ import torch
 
 from cli import ArgumentParser, atomic_write, check_output_dir, pick_device, positive_int, run_main
 from dataset import (
-    CLASSES, DEV_PATH, FIGURES_DIR, load_image_files, load_labeled_data, pyplot, save_figure, to_unit, warn_skipped,
+    CLASSES, DEV_PATH, FIGURES_DIR, load_image_files, load_labeled_data, printable_path, pyplot, save_figure, to_unit,
+    warn_skipped,
 )
 from models import load_model, predict_proba
 
@@ -195,7 +196,7 @@ def prediction_records(paths, probs):
     records = []
     for path, p in zip(paths, probs.tolist()):
         best = max(range(len(CLASSES)), key=p.__getitem__)
-        records.append({"path": str(path), "predicted": CLASSES[best], "probability": round(p[best], 6),
+        records.append({"path": printable_path(path), "predicted": CLASSES[best], "probability": round(p[best], 6),
                         "probabilities": {name: round(v, 6) for name, v in zip(CLASSES, p)}})
     return records
 
@@ -234,8 +235,12 @@ def plot_predictions(images, records, path, title):
     if shown < len(records):
         title += f" (first {shown} of {len(records)})"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
+    with warnings.catch_warnings():
+        # A file name in a script the font lacks (Chinese, say) is drawn with boxes; matplotlib's
+        # warning about each missing glyph would only add lines to the output.
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+        save_figure(fig, path)
 
 
 def predict_files(model, args, device, out):

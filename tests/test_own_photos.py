@@ -494,6 +494,20 @@ def test_images_on_mixed_formats_predicts_each_in_input_order(tta, tmp_path, ran
     assert (tmp_path / "out" / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_file_names_that_are_not_utf8_are_shown_escaped_and_others_as_they_are(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    solid(RED).save(folder / "x.png")
+    os.rename(folder / "x.png", os.fsencode(folder) + b"/caf\xe9.png")  # Latin-1 bytes, as old cameras wrote
+    solid(BLUE).save(folder / "ünïcode 猫.png")
+    result = run_script("tester.py", "--checkpoint", PRETRAINED, "--images", folder, "--out", tmp_path / "out",
+                        cwd=tmp_path, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    report = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [p["path"] for p in report["predictions"]] == [f"{folder}/caf\\xe9.png", f"{folder}/ünïcode 猫.png"]
+    assert f"{folder}/caf\\xe9.png" in result.stdout
+
+
 def test_images_folder_with_only_class_subfolders_points_to_data(tmp_path):
     class_tree(tmp_path / "photos", sizes=(("car", 1),))
     result = run_script("tester.py", "--checkpoint", PRETRAINED, "--images", tmp_path / "photos", "--out", tmp_path / "out", cwd=tmp_path,
