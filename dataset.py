@@ -585,6 +585,8 @@ def _image_pixels(path, advice="fix or remove the file", exact_size=None):
         raise _bomb(path, int(declared[1]) if declared else None) from None
     except UnidentifiedImageError:
         raise BadImageFile(path, "cannot decode image: not a JPEG, PNG, WebP, BMP or GIF file", advice) from None
+    except MemoryError:
+        raise BadImageFile(path, "cannot decode image: out of memory", "shrink it, or free some memory") from None
     except Exception as e:  # truncated or corrupt: Pillow raises OSError, SyntaxError, ValueError, ...
         detail = " ".join(str(e).split())[:120] or type(e).__name__
         raise BadImageFile(path, f"cannot decode image: truncated or corrupt ({detail})", advice) from None
