@@ -3,9 +3,14 @@
     python tester.py                                   # checkpoints/pre_trained.ckpt on data/dev.pickle
     python tester.py --checkpoint checkpoints/trained.ckpt
     python tester.py --checkpoint checkpoints/trained.ckpt --tta flip   # opt-in test-time augmentation
+    python tester.py --checkpoint checkpoints/trained.ckpt --data my_photos/   # car/, truck/, cat/ subfolders
+    python tester.py --checkpoint checkpoints/trained.ckpt --images a.jpg b.png more_photos/
 
 Prints a metrics table and writes <out>/confusion_<checkpoint stem>.png and
-<out>/metrics_<checkpoint stem>.json (out defaults to figures/). The dev set is
+<out>/metrics_<checkpoint stem>.json (out defaults to figures/). --data takes a course
+pickle or a folder of class subfolders holding image files; --images predicts image files
+without labels instead: a table of the three class probabilities per image,
+<out>/predictions.json and a grid of thumbnails, <out>/predictions.png. The dev set is
 imbalanced (1000 car, 250 truck, 500 cat), so plain accuracy rewards predicting
 "car"; balanced accuracy (the mean of the per-class accuracies) is the number to compare.
 By default the model is scored as it is (argmax of its logits, eval mode), so the numbers
@@ -13,9 +18,12 @@ equal any other plain evaluation of the same checkpoint; --tta flip is opt-in an
 in the output.
 
 predict, compute_metrics, format_metrics and plot_confusion are meant for import (trainer.py).
+Image files are read by dataset.load_image_folder and dataset.load_image_files.
 """
 import json
+import math
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,11 +32,16 @@ import numpy as np
 import torch
 
 from cli import ArgumentParser, atomic_write, check_output_dir, pick_device, positive_int, run_main
-from dataset import CLASSES, DEV_PATH, FIGURES_DIR, ensure_data, load_pickle
+from dataset import (
+    CLASSES, DEV_PATH, FIGURES_DIR, load_image_files, load_labeled_data, printable_path, pyplot, save_figure, to_unit,
+    warn_skipped,
+)
 from models import load_model, predict_proba
 
 DEFAULT_CHECKPOINT = "checkpoints/pre_trained.ckpt"
 LABELS = list(range(len(CLASSES)))
+GRID_MAX = 64  # thumbnails drawn in predictions.png; the table and JSON hold every image
+TTA_NAMES = {"none": "none (the plain model)", "flip": "flip (averaged with the mirrored image; opt-in)"}
 
 
 def _as_labels(y):
@@ -94,8 +107,7 @@ def format_metrics(metrics):
             if key == "data":
                 value = f"{value} ({metrics['n']} images)"
             if key == "tta":
-                value = {"none": "none (the plain model)",
-                         "flip": "flip (averaged with the mirrored image; opt-in)"}.get(value, value)
+                value = TTA_NAMES.get(value, value)
             lines.append(f"{key:<11} {value}")
     if lines:
         lines.append("")
@@ -175,6 +187,92 @@ def predict(model, images, device="cpu", batch_size=1000, tta="none"):
         model.train(was_training)
 
 
+# ---------------------------------------------------------------------------
+# Predictions for image files without labels (--images)
+
+
+def prediction_records(paths, probs):
+    """One JSON-ready dict per image, in input order: path, predicted class, its probability, all three."""
+    records = []
+    for path, p in zip(paths, probs.tolist()):
+        best = max(range(len(CLASSES)), key=p.__getitem__)
+        records.append({"path": printable_path(path), "predicted": CLASSES[best], "probability": round(p[best], 6),
+                        "probabilities": {name: round(v, 6) for name, v in zip(CLASSES, p)}})
+    return records
+
+
+def format_predictions(records):
+    """The prediction records as a text table: file, predicted class, the three probabilities."""
+    width = max(len("file"), *(len(r["path"]) for r in records)) + 2
+    lines = [f"{'file':<{width}}{'predicted':<11}" + "".join(f"{name:>8}" for name in CLASSES)]
+    for r in records:
+        lines.append(f"{r['path']:<{width}}{r['predicted']:<11}"
+                     + "".join(f"{r['probabilities'][name]:>8.1%}" for name in CLASSES))
+    return "\n".join(lines)
+
+
+def plot_predictions(images, records, path, title):
+    """A grid of the 32x32 images the model saw (at most GRID_MAX), each titled with its prediction."""
+    plt = pyplot()
+    shown = min(len(records), GRID_MAX)
+    rows = math.ceil(shown / 8)  # at most 8 a row, rows filled evenly: 10 images are 2 rows of 5
+    cols = math.ceil(shown / rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols + 0.3, 1.7 * rows + 0.6), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= shown:
+            ax.axis("off")
+            continue
+        ax.imshow(to_unit(images[k]).clamp(0, 1).permute(1, 2, 0).numpy())
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():  # a thin frame, so a white background still shows its edge
+            spine.set_color("lightgray")
+        r = records[k]
+        ax.set_title(f"{r['predicted']} {r['probability']:.0%}", fontsize=10)
+        name = Path(r["path"]).name
+        ax.text(0.5, -0.06, name if len(name) <= 20 else name[:9] + "…" + name[-10:], transform=ax.transAxes,
+                ha="center", va="top", fontsize=7)
+    if shown < len(records):
+        title += f" (first {shown} of {len(records)})"
+    fig.suptitle(title, fontsize=10)
+    with warnings.catch_warnings():
+        # A file name in a script the font lacks (Chinese, say) is drawn with boxes; matplotlib's
+        # warning about each missing glyph would only add lines to the output.
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+        save_figure(fig, path)
+
+
+def predict_files(model, args, device, out):
+    """--images: predict each file, print the table, write predictions.json and predictions.png."""
+    images, paths, skipped = load_image_files(args.images, args.skip_bad)
+    start = time.perf_counter()
+    probs = predict_proba(model, images, device=device, batch_size=args.batch_size, flip=args.tta == "flip")
+    seconds = time.perf_counter() - start
+    records = prediction_records(paths, probs)
+    figure, predictions_json = out / "predictions.png", out / "predictions.json"
+    report = {"checkpoint": str(args.checkpoint), "tta": args.tta, "n": len(records), "classes": list(CLASSES),
+              "predictions": records, "skipped": skipped, "figure": str(figure)}
+
+    print(f"{'checkpoint':<11} {args.checkpoint}")
+    print(f"{'tta':<11} {TTA_NAMES[args.tta]}")
+    print(f"{'images':<11} {len(records)}, each centre-cropped and resized to 32x32\n")
+    print(format_predictions(records))
+    print(f"\npredicted {len(records)} images in {seconds:.2f} s on {device}")
+
+    stem = Path(args.checkpoint).stem
+    plot_predictions(images, records, figure,
+                     f"{stem}: predictions" + (" (flip TTA)" if args.tta == "flip" else ""))
+    atomic_write(predictions_json, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    print(f"saved {figure} and {predictions_json}")
+    sys.stdout.flush()  # the table first, then the count of skipped files that ends the run
+    warn_skipped(skipped, len(records))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
 def _to_json(record):
     text = json.dumps(record, indent=2)
     # One line per confusion-matrix row, so the file reads like the matrix it stores. The
@@ -187,8 +285,17 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help=f"model checkpoint to evaluate (default: {DEFAULT_CHECKPOINT})")
-    parser.add_argument("--data", default=DEV_PATH,
-                        help=f"course data pickle to evaluate on (default: {DEV_PATH}, built if missing)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", default=DEV_PATH,
+                        help="course data pickle, or a folder with class subfolders car/ (or automobile/), truck/ "
+                             f"and cat/ holding image files, to evaluate on (default: {DEV_PATH}, built if missing)")
+    source.add_argument("--images", nargs="+", metavar="FILE",
+                        help="predict these image files, or the image files directly inside these folders, "
+                             "instead of evaluating (JPEG, PNG, WebP, BMP, GIF): a table, predictions.json and "
+                             "predictions.png in --out")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip image files that cannot be read (a warning line each and a count at the end) "
+                             "instead of stopping at the first")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=positive_int, default=1000,
                         help="images per forward pass (default: 1000)")
@@ -209,8 +316,9 @@ def main(argv=None):
     out = check_output_dir(args.out, "--out")
     # The checkpoint first: a typo in its path should not wait for a data build.
     model = load_model(args.checkpoint)
-    ensure_data(args.data, cifar_dir=args.cifar_dir)
-    images, labels = load_pickle(args.data)
+    if args.images:
+        return predict_files(model, args, device, out)
+    images, labels, files, skipped = load_labeled_data(args.data, args.cifar_dir, args.skip_bad)
 
     start = time.perf_counter()
     predictions = predict(model, images, device, args.batch_size, args.tta)
@@ -218,6 +326,8 @@ def main(argv=None):
     metrics = compute_metrics(labels, predictions)
     record = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n": metrics["n"], "tta": args.tta}
     record.update(metrics)
+    if files is not None:  # an image folder: which files were left out (--skip-bad)
+        record["skipped"] = skipped
 
     print(format_metrics(record))
     print(f"\npredicted {record['n']} images in {seconds:.2f} s on {device}")
@@ -229,6 +339,8 @@ def main(argv=None):
     plot_confusion(metrics, figure, title)
     atomic_write(metrics_json, lambda f: f.write(_to_json(record).encode()))
     print(f"saved {figure} and {metrics_json}")
+    sys.stdout.flush()
+    warn_skipped(skipped, len(labels))
 
 
 if __name__ == "__main__":

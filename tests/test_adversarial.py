@@ -162,7 +162,7 @@ def test_script_writes_figures_and_json(trained, small_data, tmp_path):
         cwd=tmp_path, env=ONE_THREAD,
     )
     assert result.returncode == 0, result.stderr
-    assert "acc. attacked set" in result.stdout and "acc. dev set" in result.stdout
+    assert "attacked set" in result.stdout and "dev balanced" in result.stdout and "sanity:" in result.stdout
     report = json.loads((out / "adversarial.json").read_text())
     clean = int((predict_proba(model, x).argmax(1) == y).sum()) / len(y)
     assert report["clean_accuracy"] == pytest.approx(clean)

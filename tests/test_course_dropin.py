@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-import dataset
 from cli import UserError
 from conftest import ROOT, assert_one_error_line, run_script
 from dataset import MyDataset, get_dataset_as_array, get_dataset_as_torch_dataset, label_names, un_normalize_image
