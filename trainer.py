@@ -205,6 +205,10 @@ def adversarial_batch(model, x, y, args, generator):
     """
     if args.adversarial == "none":
         return x
+    if x.device.type == "cpu":
+        # oneDNN computes the input gradient of the first (3-channel) convolution, which plain
+        # training never needs, markedly faster on channels-last batches.
+        x = x.contiguous(memory_format=torch.channels_last)
     radius = EPS_SCALE * args.adv_epsilon
     step = EPS_SCALE * adv_step_size(args)
     steps = args.adv_steps if args.adversarial == "pgd" else 1
