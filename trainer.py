@@ -12,6 +12,7 @@ learning on out-of-fold predictions and relabeled before the final training.
 """
 import argparse
 import collections
+import copy
 import hashlib
 import json
 import math
@@ -34,6 +35,16 @@ from models import ARCHITECTURES, build_model, predict_proba, save_checkpoint
 RECIPES = {
     "simple": dict(epochs=60, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0),
     "resnet8": dict(epochs=30, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=5e-4),
+    "whitened": dict(epochs=30, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=5e-4),
+    # --model best: the best recipe found (docs/study_results.md), whatever its architecture.
+    "best": dict(arch="whitened", epochs=30, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=5e-4),
+}
+# Defaults of the imbalance treatments, for any recipe that does not set them.
+TREATMENT_DEFAULTS = dict(loss="ce", tau=1.0, drw_start=0, mix="none", mix_alpha=1.0, ema=0.0)
+# The fold models of --fix-labels auto, by --repair-model: a recipe and its epochs per fold.
+REPAIR_RECIPES = {
+    "simple": dict(RECIPES["simple"], repair_epochs=8),
+    "best": dict(RECIPES["best"], repair_epochs=10),
 }
 
 
@@ -42,7 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=TRAIN_PATH, help=f"training pickle (default: {TRAIN_PATH})")
     parser.add_argument("--dev-data", default=DEV_PATH, help=f"dev pickle for per-epoch scores (default: {DEV_PATH})")
     parser.add_argument("--cifar-dir", help="local CIFAR-10 copy used if the default data must be built")
-    parser.add_argument("--model", default="simple", choices=sorted(ARCHITECTURES), help="architecture (default: simple)")
+    parser.add_argument("--model", default="simple", choices=sorted({*ARCHITECTURES, "best"}),
+                        help="architecture, or best: the best recipe (default: simple)")
     parser.add_argument("--epochs", type=int, help="epochs (default: 60 for simple, 30 for resnet8)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 Adam for simple, 0.05 SGD for resnet8)")
     parser.add_argument("--batch-size", type=int, help="batch size (default: 32 for simple, 64 for resnet8)")
@@ -51,20 +63,26 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", choices=("constant", "cosine", "onecycle"), default="onecycle",
                         help="learning-rate schedule (default: onecycle)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0)")
-    parser.add_argument("--sampler", choices=("balanced", "none"), default="balanced",
-                        help="balanced: WeightedRandomSampler, weight 1/class count; none: plain shuffling")
+    parser.add_argument("--sampler", choices=("balanced", "sqrt", "none"), default="balanced",
+                        help="balanced: WeightedRandomSampler, weight 1/class count; sqrt: weight "
+                             "1/sqrt(class count); none: plain shuffling (default: balanced)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random flip, rotation/translation and colour jitter (default: on)")
     parser.add_argument("--fix-labels", default="auto", metavar="auto|none|FILE",
                         help="auto: find and relabel probable label errors; none: keep labels; FILE: JSON list of "
                              "{index, label} corrections (default: auto)")
     parser.add_argument("--repair-folds", type=int, default=4, help="cross-validation folds for --fix-labels auto")
-    parser.add_argument("--repair-epochs", type=int, default=8, help="epochs per fold model for --fix-labels auto")
+    parser.add_argument("--repair-epochs", type=int,
+                        help="epochs per fold model for --fix-labels auto (default: 8 simple, 10 best)")
+    parser.add_argument("--repair-model", choices=sorted(REPAIR_RECIPES), default="simple",
+                        help="fold model of --fix-labels auto: simple (fast) or best (the --model best recipe: "
+                             "better repair, minutes longer) (default: simple)")
     parser.add_argument("--repair-action", choices=("relabel", "drop"), default="relabel",
                         help="what to do with the images found (default: relabel)")
     parser.add_argument("--repair-pairs", choices=("directional", "all"), default="directional",
                         help="directional: act only on one-way confusions (label noise), not on classes the "
                              "model mixes up both ways; all: act on every flag (default: directional)")
+    add_treatment_args(parser)
     parser.add_argument("--lr-sweep", type=float, nargs="+", metavar="LR",
                         help="instead of training, run short runs at these rates and plot loss against steps")
     parser.add_argument("--sweep-steps", type=int, default=300, help="steps per --lr-sweep run (default: 300)")
@@ -74,9 +92,13 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed; CPU runs are repeatable (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
     args = parser.parse_args(argv)
-    for key, value in RECIPES[args.model].items():
-        if getattr(args, key) is None:
+    recipe = {"arch": args.model, **TREATMENT_DEFAULTS, **RECIPES[args.model]}
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.repair_epochs is None:
+        args.repair_epochs = REPAIR_RECIPES[args.repair_model]["repair_epochs"]
+    check_treatment_args(parser, args)
     for name in ("epochs", "batch_size", "repair_folds", "repair_epochs", "sweep_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -97,10 +119,21 @@ def balanced_weights(labels):
     return 1.0 / counts[labels]
 
 
+def sampler_weights(labels, sampler):
+    """Per-sample draw weights: balanced 1/count; sqrt 1/sqrt(count), halfway between the data's
+    class shares and equal ones (each truck drawn about half as often as with balanced); none 1."""
+    if sampler == "balanced":
+        return balanced_weights(labels)
+    if sampler == "sqrt":
+        return balanced_weights(labels).sqrt()
+    return torch.ones(len(labels), dtype=torch.double)
+
+
 def epoch_indices(labels, sampler, generator):
     """The training order of one epoch: len(labels) draws."""
-    if sampler == "balanced":
-        draws = WeightedRandomSampler(balanced_weights(labels), len(labels), replacement=True, generator=generator)
+    if sampler in ("balanced", "sqrt"):
+        draws = WeightedRandomSampler(sampler_weights(labels, sampler), len(labels), replacement=True,
+                                      generator=generator)
         return torch.tensor(list(draws))
     return torch.randperm(len(labels), generator=generator)
 
@@ -148,11 +181,194 @@ def augment_batch(images, generator, max_degrees=10.0, max_shift=0.1, jitter=0.2
 
 
 # ---------------------------------------------------------------------------
+# Imbalance treatments: logit adjustment, deferred re-balancing, mixup / cutmix, weight
+# averaging, and a validation split for choosing among checkpoints without the dev set.
+
+
+def add_treatment_args(parser):
+    group = parser.add_argument_group("imbalance treatments (defaults per --model recipe)")
+    group.add_argument("--loss", choices=("ce", "logit-adjusted", "balanced-softmax"),
+                       help="ce: cross-entropy; logit-adjusted: cross-entropy on logits + tau*log(prior) "
+                            "(Menon et al. 2021); balanced-softmax: the same with tau 1 (Ren et al. 2020). The "
+                            "prior is the class share of the images drawn, so with --sampler balanced these equal "
+                            "ce; they correct --sampler none or sqrt (default: ce)")
+    group.add_argument("--tau", type=float, help="logit-adjustment strength tau (default: 1)")
+    group.add_argument("--drw-start", type=int, metavar="EPOCH",
+                       help="deferred re-balancing (Cao et al. 2019): plain shuffling before this epoch, "
+                            "--sampler from it on; 0 = --sampler throughout (default: 0)")
+    group.add_argument("--mix", choices=("none", "mixup", "cutmix"),
+                       help="mix each batch with a shuffled copy of itself: mixup blends whole images, "
+                            "cutmix pastes a box; the loss mixes both labels (default: none)")
+    group.add_argument("--mix-alpha", type=float,
+                       help="mixing share lambda ~ Beta(alpha, alpha) (default: 1)")
+    group.add_argument("--ema", type=float, metavar="DECAY",
+                       help="keep an exponential moving average of the weights with this per-step decay and "
+                            "evaluate and save it instead of the raw weights; 0 = off (default: 0)")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="hold out this stratified, seeded share of the training images as a validation "
+                             "split, scored every epoch (default: 0)")
+    parser.add_argument("--select", choices=("last", "best-val"), default="last",
+                        help="checkpoint to keep: last epoch, or the epoch with the best validation "
+                             "balanced accuracy (needs --val-fraction) (default: last)")
+
+
+def check_treatment_args(parser, args):
+    if args.tau < 0 or args.mix_alpha <= 0:
+        parser.error("--tau must be at least 0 and --mix-alpha positive")
+    if not 0 <= args.ema < 1:
+        parser.error("--ema must be in [0, 1)")
+    if args.drw_start < 0 or (args.drw_start > 1 and args.sampler == "none"):
+        parser.error("--drw-start must be at least 0 and needs a --sampler to switch to")
+    if not 0 <= args.val_fraction < 0.5:
+        parser.error("--val-fraction must be in [0, 0.5)")
+    if args.select == "best-val" and args.val_fraction == 0:
+        parser.error("--select best-val needs a validation split (--val-fraction)")
+
+
+def epoch_sampler(args, epoch):
+    """Deferred re-balancing: plain shuffling before --drw-start, the chosen sampler from it on (epochs from 1)."""
+    return "none" if epoch < args.drw_start else args.sampler
+
+
+def draw_log_prior(labels, sampler):
+    """log of each class's expected share of one epoch's draws: the label prior the model is trained on."""
+    shares = torch.bincount(labels, weights=sampler_weights(labels, sampler), minlength=len(CLASSES))
+    return (shares / shares.sum()).clamp(min=1e-12).log().float()
+
+
+def logit_adjusted_cross_entropy(logits, targets, log_prior, tau=1.0, label_smoothing=0.0):
+    """Menon et al. (2021): cross-entropy on logits + tau * log(prior).
+
+    The model must outscore the prior of common classes during training, so its raw logits
+    (used unchanged at test time) estimate p(x | y) rather than p(y | x): the decision that
+    maximizes balanced accuracy.
+    """
+    return F.cross_entropy(logits + tau * log_prior.to(logits), targets, label_smoothing=label_smoothing)
+
+
+def balanced_softmax_cross_entropy(logits, targets, prior, label_smoothing=0.0):
+    """Ren et al. (2020): softmax with each class's exp(logit) weighted by its prior. Since
+    prior_j * exp(z_j) = exp(z_j + log prior_j), this is logit adjustment with tau = 1."""
+    return logit_adjusted_cross_entropy(logits, targets, prior.log(), 1.0, label_smoothing)
+
+
+def mix_batch(x, y, mode, alpha, generator):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) within a batch.
+
+    Returns (images, labels, partner labels, lam): the loss is lam * loss(labels) +
+    (1 - lam) * loss(partner labels). Every draw comes from `generator`, so runs repeat.
+    """
+    import random
+
+    # torch.distributions cannot take a generator; Python's Beta sampler seeded from it can.
+    lam = random.Random(int(torch.randint(2**62, (1,), generator=generator))).betavariate(alpha, alpha)
+    partner = torch.randperm(len(x), generator=generator).to(x.device)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[partner], y, y[partner], lam
+    h, w = x.shape[-2:]
+    cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    cy, cx = (int(v) for v in torch.randint(0, h, (1,), generator=generator).tolist() +
+              torch.randint(0, w, (1,), generator=generator).tolist())
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, w)
+    x = x.clone()
+    x[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
+    lam = 1 - (bottom - top) * (right - left) / (h * w)  # the box may be clipped at the border
+    return x, y, y[partner], lam
+
+
+def batch_loss(logits, y, y_partner, lam, args, log_prior):
+    if args.loss == "ce":
+        def loss(targets):
+            return F.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
+    else:
+        tau = 1.0 if args.loss == "balanced-softmax" else args.tau
+        def loss(targets):
+            return logit_adjusted_cross_entropy(logits, targets, log_prior, tau, args.label_smoothing)
+    return loss(y) if lam == 1 else lam * loss(y) + (1 - lam) * loss(y_partner)
+
+
+def new_average(model, args):
+    """The EMA weights (and batch-norm statistics) as a state dict, or None without --ema."""
+    if not args.ema:
+        return None
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def update_average(average, model, decay):
+    """average <- decay * average + (1 - decay) * weights; integer buffers are copied."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                average[name].lerp_(value, 1 - decay)
+            else:
+                average[name].copy_(value)
+
+
+def ema_decay(args, step):
+    """--ema's decay, warmed up over the first steps ((1 + t) / (10 + t)) so early random
+    weights fade out fast."""
+    return min(args.ema, (1 + step) / (10 + step))
+
+
+def averaged_model(model, average):
+    """The model to evaluate and save: the EMA weights when averaging, else the model itself."""
+    if average is None:
+        return model
+    copy_ = copy.deepcopy(model)
+    copy_.load_state_dict(average)
+    return copy_
+
+
+def validation_split(labels, fraction, seed):
+    """Stratified, seeded hold-out: (training indices, validation indices), disjoint, sorted.
+
+    Each class (by given label) gives round(fraction * its count) images, at least one when
+    fraction > 0. It depends only on (labels, fraction, seed), so a resumed run gets the same split.
+    """
+    generator = torch.Generator().manual_seed(
+        int.from_bytes(hashlib.sha256(repr((seed, "validation")).encode()).digest()[:7], "little"))
+    held = []
+    for c in range(len(CLASSES)):
+        members = (labels == c).nonzero().flatten()
+        count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) > 1 else 0
+        held.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    val = torch.cat(held).sort().values
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[val] = True
+    return (~is_val).nonzero().flatten(), val
+
+
+def new_model(args, images, device, salt):
+    """A freshly initialized --model (seeded by salt); data-dependent layers set from images."""
+    seeded(args.seed, salt, "init")
+    model = build_model(args.arch)
+    if hasattr(model, "init_whitening"):
+        model.init_whitening(images)
+    return model.to(device)
+
+
+def train_epoch(model, optimizer, scheduler, images, labels, args, epoch, generator, device, average=None):
+    """One epoch (numbered from 1) with the treatments: DRW's sampler, the loss's prior, EMA."""
+    sampler = epoch_sampler(args, epoch)
+    steps = [scheduler.last_epoch]
+
+    def after_step():
+        steps[0] += 1
+        if average is not None:
+            update_average(average, model, ema_decay(args, steps[0]))
+
+    log_prior = None if args.loss == "ce" else draw_log_prior(labels, sampler)
+    return run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, sampler=sampler,
+                     log_prior=log_prior, after_step=after_step)
+
+
+# ---------------------------------------------------------------------------
 # Training
 
 
 def make_optimizer(model, args, steps_total):
-    params = model.parameters()
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers (whitening) stay out
     if args.optimizer == "adam":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay) if args.weight_decay \
             else torch.optim.Adam(params, lr=args.lr)
@@ -168,14 +384,18 @@ def make_optimizer(model, args, steps_total):
     return optimizer, scheduler
 
 
-def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, losses=None):
+def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, losses=None,
+              sampler=None, log_prior=None, after_step=None):
     """One pass of len(labels) sampled, augmented images; returns the loss of every step
     (appended to `losses` when given, so a caller keeps them if the epoch fails).
 
+    sampler overrides args.sampler (deferred re-balancing), log_prior is the prior of the
+    logit-adjusted losses, after_step() runs after every optimizer step (weight averaging).
     Raises FloatingPointError when the loss stops being finite.
     """
     model.train()
-    order = epoch_indices(labels, args.sampler, generator)
+    order = epoch_indices(labels, args.sampler if sampler is None else sampler, generator)
+    mix = getattr(args, "mix", "none")
     if max_steps is not None:
         order = order[: max_steps * args.batch_size]
     losses = [] if losses is None else losses
@@ -189,11 +409,18 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
             x_chunk = augment_batch(x_chunk, generator)
         for b in range(0, len(idx), args.batch_size):
             x, y = x_chunk[b : b + args.batch_size], y_chunk[b : b + args.batch_size]
-            loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+            if mix == "none" and log_prior is None:
+                loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+            else:
+                x, y, y_partner, lam = (mix_batch(x, y, mix, args.mix_alpha, generator) if mix != "none"
+                                        else (x, y, y, 1.0))
+                loss = batch_loss(model(x), y, y_partner, lam, args, log_prior)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step()
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {len(losses) + 1} of the epoch")
@@ -212,12 +439,14 @@ def seeded(seed, *salt):
 
 def fit(images, labels, args, device, epochs, salt):
     """Train a fresh model for `epochs` epochs without evaluation or checkpoints (used by repair folds)."""
-    seeded(args.seed, salt, "init")
-    model = build_model(args.model).to(device)
+    model = new_model(args, images, device, salt)
     optimizer, scheduler = make_optimizer(model, args, epochs * math.ceil(len(labels) / args.batch_size))
-    for epoch in tqdm(range(epochs), desc=f"  {salt} epochs", leave=False, file=sys.stderr):
-        run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, salt, epoch), device)
-    return model
+    average = new_average(model, args)
+    # disable=None: no bar when stderr is not a terminal (log files, CI); the fold's line still prints.
+    for epoch in tqdm(range(epochs), desc=f"  {salt} epochs", leave=False, file=sys.stderr, disable=None):
+        train_epoch(model, optimizer, scheduler, images, labels, args, epoch + 1, seeded(args.seed, salt, epoch),
+                    device, average)
+    return averaged_model(model, average)
 
 
 # ---------------------------------------------------------------------------
@@ -230,14 +459,20 @@ def out_of_fold_probabilities(images, labels, args, device):
 
     folds = StratifiedKFold(n_splits=args.repair_folds, shuffle=True, random_state=args.seed)
     probs = torch.zeros(len(labels), len(CLASSES))
-    # The fold models are SimpleModels whatever --model is: k of them must fit in the time budget.
-    fold_args = argparse.Namespace(**{**vars(args), **RECIPES["simple"], "model": "simple"})
+    start = time.time()
+    # The fold models follow --repair-model's recipe (SimpleModel by default), whatever --model
+    # is: k of them must fit in the time budget. No deferred re-balancing: the folds are short.
+    recipe = {key: value for key, value in REPAIR_RECIPES[args.repair_model].items() if key != "repair_epochs"}
+    model = "simple" if args.repair_model == "simple" else "best"
+    fold_args = argparse.Namespace(**{**vars(args), "arch": model, **TREATMENT_DEFAULTS, **recipe, "model": model,
+                                      "drw_start": 0})
     for k, (train_idx, held_idx) in enumerate(folds.split(labels.numpy(), labels.numpy())):
         train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
         model = fit(images[train_idx], labels[train_idx], fold_args, device, args.repair_epochs, f"fold{k + 1}")
         probs[held_idx] = predict_proba(model, images[held_idx], device, flip=True)
         print(f"  fold {k + 1}/{args.repair_folds}: held-out agreement with given labels "
-              f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f}", file=sys.stderr)
+              f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f} "
+              f"({time.time() - start:.0f}s)", file=sys.stderr)
     return probs
 
 
@@ -341,7 +576,7 @@ def repair_labels(images, labels, args, device):
 
     start = time.time()
     print(f"Label repair: {args.repair_folds}-fold out-of-fold predictions "
-          f"({args.repair_epochs} epochs per fold) ...", file=sys.stderr)
+          f"({args.repair_model} fold models, {args.repair_epochs} epochs per fold) ...", file=sys.stderr)
     probs = out_of_fold_probabilities(images, labels, args, device)
     issues, suggested, confidence, act = find_label_repairs(labels, probs, args.repair_pairs)
     report = {
@@ -382,11 +617,10 @@ def lr_sweep(images, labels, args, device):
     results = []
     for lr in args.lr_sweep:
         run_args = argparse.Namespace(**{**vars(args), "lr": lr, "schedule": "constant"})
-        seeded(args.seed, "sweep", "init")
-        model = build_model(args.model).to(device)
+        model = new_model(args, images, device, "sweep")
         optimizer, scheduler = make_optimizer(model, run_args, args.sweep_steps)
         losses, diverged, generator = [], None, seeded(args.seed, "sweep")
-        with tqdm(total=args.sweep_steps, desc=f"lr {lr:g}", file=sys.stderr) as bar:
+        with tqdm(total=args.sweep_steps, desc=f"lr {lr:g}", file=sys.stderr, disable=None) as bar:
             while len(losses) < args.sweep_steps and diverged is None:
                 try:
                     run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, device,
@@ -458,6 +692,8 @@ def resume_path(out):
 RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
             "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
             "seed", "data")
+# Settings added with the imbalance treatments; a resumed run must match these too.
+RUN_KEYS += ("arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model")
 
 
 def load_resume(path, args):
@@ -497,8 +733,24 @@ def plot_training_curves(history, path):
     save_figure(fig, path)
 
 
+def scores(model, images, labels, device):
+    from tester import compute_metrics
+
+    return compute_metrics(labels.numpy(), predict_proba(model, images, device).argmax(1).numpy())
+
+
+def epoch_line(epoch, loss, dev, val):
+    """One log line per epoch: training loss, dev (and validation) per-class and balanced accuracy."""
+    line = f"epoch {epoch:3d}  loss {loss:.4f}"
+    for name, m in (("val", val), ("dev", dev)):
+        if m is not None:
+            line += f"  {name} " + "  ".join(f"{n} {m['per_class'][n]['accuracy']:.3f}" for n in CLASSES) + \
+                    f"  balanced {m['balanced_accuracy']:.4f}"
+    return line
+
+
 def train(train_x, train_y, dev_x, dev_y, args, device):
-    from tester import compute_metrics, format_metrics
+    from tester import format_metrics
 
     state_path = resume_path(args.out)
     state = load_resume(state_path, args) if args.resume else None
@@ -507,44 +759,65 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
         print(f"Resuming {state_path} after epoch {state['epoch']} of {args.epochs}", file=sys.stderr)
     else:
         all_labels, keep = repair_labels(train_x, train_y, args, device)
-    images, labels = train_x[keep], all_labels[keep]
-    print(f"Training {args.model} on {len(labels)} images (labels {dict(zip(CLASSES, class_counts(labels)))}), "
+    # The validation split is carved from the given labels before anything else, seeded: the same
+    # images on every run and resume, never trained on. Its labels are the repaired ones.
+    train_idx, val_idx = validation_split(train_y, args.val_fraction, args.seed)
+    train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+    images, labels = train_x[train_idx], all_labels[train_idx]
+    val_x, val_y = train_x[val_idx], all_labels[val_idx]
+    print(f"Training {args.arch} on {len(labels)} images (labels {dict(zip(CLASSES, class_counts(labels)))}), "
           f"{args.epochs} epochs, {args.optimizer} lr {args.lr:g} {args.schedule}, batch {args.batch_size}, "
-          f"sampler {args.sampler}, augment {'on' if args.augment else 'off'}, device {device}", file=sys.stderr)
+          f"sampler {args.sampler}" + (f" from epoch {args.drw_start}" if args.drw_start > 1 else "") +
+          f", augment {'on' if args.augment else 'off'}, loss {args.loss}"
+          + (f" tau {args.tau:g}" if args.loss == "logit-adjusted" else "")
+          + (f", {args.mix} alpha {args.mix_alpha:g}" if args.mix != "none" else "")
+          + (f", EMA {args.ema:g}" if args.ema else "")
+          + (f", validation split {len(val_y)} images, keep {args.select}" if len(val_y) else "")
+          + f", device {device}", file=sys.stderr)
 
-    seeded(args.seed, "main", "init")
-    model = build_model(args.model).to(device)
+    model = new_model(args, images, device, "main")
     optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(labels) / args.batch_size))
-    history, first_epoch = [], 1
+    average = new_average(model, args)
+    history, first_epoch, best = [], 1, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, first_epoch = state["history"], state["epoch"] + 1
+        average, best = state.get("average"), state.get("best")
 
     config = {k: getattr(args, k) for k in RUN_KEYS}
     start = time.time()
+    # disable=None: no bar when stderr is not a terminal (log files, CI); the epoch lines still print.
     bar = tqdm(range(first_epoch, args.epochs + 1), initial=first_epoch - 1, total=args.epochs,
-               desc="epochs", file=sys.stderr)
+               desc="epochs", file=sys.stderr, disable=None)
     try:
         for epoch in bar:
             try:
-                losses = run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, "main", epoch),
-                                   device)
+                losses = train_epoch(model, optimizer, scheduler, images, labels, args, epoch,
+                                     seeded(args.seed, "main", epoch), device, average)
             except FloatingPointError as e:
                 raise UserError(f"training diverged in epoch {epoch} ({e}): lower the learning rate "
                                 f"(--lr {args.lr:g}); the last good state is in {state_path}") from None
-            dev = compute_metrics(dev_y.numpy(), predict_proba(model, dev_x, device).argmax(1).numpy())
-            history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "dev": dev})
+            scored = averaged_model(model, average)
+            dev = scores(scored, dev_x, dev_y, device)
+            val = scores(scored, val_x, val_y, device) if len(val_y) else None
+            history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "dev": dev, "val": val})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", bal=f"{dev['balanced_accuracy']:.3f}")
-            tqdm.write(f"epoch {epoch:3d}  loss {history[-1]['loss']:.4f}  dev " + "  ".join(
-                f"{n} {dev['per_class'][n]['accuracy']:.3f}" for n in CLASSES) +
-                f"  balanced {dev['balanced_accuracy']:.4f}", file=sys.stderr)
+            tqdm.write(epoch_line(epoch, history[-1]["loss"], dev, val), file=sys.stderr)
+            # Checkpoint selection looks at the validation split only, never at dev.
+            if args.select == "best-val" and (best is None or val["balanced_accuracy"] > best["score"]):
+                best = {"epoch": epoch, "score": val["balanced_accuracy"],
+                        "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
+            keep_model = scored
+            if best is not None:
+                keep_model = copy.deepcopy(scored)
+                keep_model.load_state_dict(best["state"])
             # The checkpoint first, then the resume state: a kill between them loses nothing.
-            save_checkpoint(model, args.out)
+            save_checkpoint(keep_model, args.out)
             snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                        "labels": all_labels, "keep": keep, "config": config}
+                        "labels": all_labels, "keep": keep, "config": config, "average": average, "best": best}
             atomic_write(state_path, lambda f: torch.save(snapshot, f))
     except KeyboardInterrupt:
         bar.close()
@@ -554,10 +827,13 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     bar.close()
     elapsed = time.time() - start
     plot_training_curves(history, Path(args.figures) / "training_curves.png")
-    final = history[-1]["dev"]
+    chosen = history[-1] if best is None else next(h for h in history if h["epoch"] == best["epoch"])
+    final = chosen["dev"]
     summary = {"checkpoint": str(args.out), "config": config, "train_seconds": round(elapsed, 1),
-               "history": history, "final_dev": final}
+               "history": history, "selected_epoch": chosen["epoch"], "final_dev": final}
     atomic_write(Path(args.figures) / "training.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    if best is not None:
+        print(f"Kept epoch {chosen['epoch']} (best validation balanced accuracy {best['score']:.4f})")
     print(format_metrics(final))
     print(f"Saved {args.out} ({elapsed:.0f}s of training) and {Path(args.figures) / 'training_curves.png'}")
     return model
