@@ -190,8 +190,8 @@ def add_treatment_args(parser):
     group.add_argument("--loss", choices=("ce", "logit-adjusted", "balanced-softmax"),
                        help="ce: cross-entropy; logit-adjusted: cross-entropy on logits + tau*log(prior) "
                             "(Menon et al. 2021); balanced-softmax: the same with tau 1 (Ren et al. 2020). The "
-                            "prior is the class share of the images drawn, so with --sampler balanced these equal "
-                            "ce; they correct --sampler none or sqrt (default: ce)")
+                            "prior is the class share of the training labels; beside the balanced sampler a small "
+                            "tau pushes the model towards the rare classes (default: ce)")
     group.add_argument("--tau", type=float, help="logit-adjustment strength tau (default: 1)")
     group.add_argument("--drw-start", type=int, metavar="EPOCH",
                        help="deferred re-balancing (Cao et al. 2019): plain shuffling before this epoch, "
@@ -230,9 +230,15 @@ def epoch_sampler(args, epoch):
     return "none" if epoch < args.drw_start else args.sampler
 
 
-def draw_log_prior(labels, sampler):
-    """log of each class's expected share of one epoch's draws: the label prior the model is trained on."""
-    shares = torch.bincount(labels, weights=sampler_weights(labels, sampler), minlength=len(CLASSES))
+def label_log_prior(labels):
+    """log of each class's share of the training labels: the prior of the logit-adjusted losses.
+
+    It is the data's prior whatever the sampler draws (Menon et al.'s definition). With
+    --sampler none, tau 1 undoes the imbalance; beside the balanced sampler the adjustment
+    pushes further towards the rare classes, which a model that memorized its few trucks
+    needs (its truck recall on new images lags car's); tau sets how far.
+    """
+    shares = torch.bincount(labels, minlength=len(CLASSES)).double()
     return (shares / shares.sum()).clamp(min=1e-12).log().float()
 
 
@@ -358,7 +364,7 @@ def train_epoch(model, optimizer, scheduler, images, labels, args, epoch, genera
         if average is not None:
             update_average(average, model, ema_decay(args, steps[0]))
 
-    log_prior = None if args.loss == "ce" else draw_log_prior(labels, sampler)
+    log_prior = None if args.loss == "ce" else label_log_prior(labels)
     return run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, sampler=sampler,
                      log_prior=log_prior, after_step=after_step)
 

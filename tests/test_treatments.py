@@ -44,12 +44,9 @@ def test_balanced_softmax_is_cross_entropy_under_a_uniform_prior_and_weights_by_
     assert torch.allclose(trainer.balanced_softmax_cross_entropy(logits, targets, prior), by_hand, atol=1e-6)
 
 
-def test_draw_prior_follows_the_sampler():
+def test_label_prior_is_the_share_of_each_class():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    plain = trainer.draw_log_prior(labels, "none").exp()
-    assert plain[:2].tolist() == pytest.approx([0.9, 0.1])
-    assert trainer.draw_log_prior(labels, "balanced").exp()[:2].tolist() == pytest.approx([0.5, 0.5])
-    assert trainer.draw_log_prior(labels, "sqrt").exp()[:2].tolist() == pytest.approx([0.75, 0.25])
+    assert trainer.label_log_prior(labels).exp().tolist() == pytest.approx([0.9, 0.1, 0.0], abs=1e-6)
 
 
 def test_drw_switches_to_the_sampler_at_the_stated_epoch():
