@@ -112,7 +112,82 @@ class ResNet8(Checkpointed):
         return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
 
 
-ARCHITECTURES = {cls.arch: cls for cls in (SimpleModel, ResNet8)}
+class _FrozenScaleBatchNorm(nn.BatchNorm2d):
+    """Batch norm with its scale fixed at 1 and only the shift learned (as in airbench): the
+    following convolution can absorb any scale, and one parameter less per channel trains
+    faster. The running statistics keep PyTorch's momentum 0.1: airbench's 0.4 averages over
+    too few of our 64-image batches, and the last batches then swung the final model's
+    truck accuracy by several points from one epoch to the next."""
+
+    def __init__(self, channels):
+        super().__init__(channels, eps=1e-12)
+        self.weight.requires_grad_(False)
+
+
+class _ConvGroup(nn.Module):
+    """conv, max-pool, BN, GELU, conv, BN, GELU: airbench's block (pooling before the norm
+    makes the first norm and activation four times cheaper)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _FrozenScaleBatchNorm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = _FrozenScaleBatchNorm(c_out)
+        for conv in (self.conv1, self.conv2):
+            # Identity ("Dirac") initialization of the first c_in filters: every block starts
+            # as an implicit residual connection, which a plain (non-residual) stack needs.
+            torch.nn.init.dirac_(conv.weight.data[: conv.in_channels])
+
+    def forward(self, x):
+        x = F.gelu(self.norm1(self.pool(self.conv1(x))))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class WhitenedCNN(nn.Module):
+    """An airbench-style network (Keller Jordan's airbench94), narrowed for a 2-core CPU.
+
+    The first layer is a frozen 2x2 convolution whose filters are the eigenvectors of the
+    training images' 2x2 patch covariance, scaled by 1/sqrt(eigenvalue) and used with both
+    signs: it decorrelates (whitens) the pixels, which lets the rest train at a high learning
+    rate from the first step. Its weights are set from data by init_whitening() (the trainer
+    calls it before training; a checkpoint stores them like any other weight). Then three
+    conv groups, a global max-pool and a linear head whose output is scaled down by 1/9
+    (small initial logits).
+    """
+
+    arch = "whitened"
+
+    def __init__(self, num_classes=3, widths=(32, 96, 192)):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2, bias=True)  # 2 signs x 12 eigenvectors of 3x2x2 patches
+        self.whiten.weight.requires_grad_(False)
+        self.layer1 = _ConvGroup(24, widths[0])
+        self.layer2 = _ConvGroup(widths[0], widths[1])
+        self.layer3 = _ConvGroup(widths[1], widths[2])
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+
+    @torch.no_grad()
+    def init_whitening(self, images, eps=5e-4):
+        """Set the frozen first layer from images [N, 3, 32, 32] (the training data)."""
+        covariance, count = torch.zeros(12, 12, dtype=torch.float64), 0
+        for chunk in images.split(500):  # chunks: all 2x2 patches of 6,400 images would take 300 MB
+            patches = chunk.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+            covariance += (patches.T @ patches).double()
+            count += len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)
+        filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).reshape(12, 3, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        self.whiten.bias.zero_()
+
+    def forward(self, x):
+        x = F.gelu(self.whiten(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1)) / 9
+
+
+ARCHITECTURES = {cls.arch: cls for cls in (SimpleModel, ResNet8, WhitenedCNN)}
 
 
 def build_model(arch="simple"):

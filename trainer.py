@@ -12,6 +12,7 @@ learning on out-of-fold predictions and relabeled before the final training.
 """
 import argparse
 import collections
+import copy
 import hashlib
 import json
 import math
@@ -38,6 +39,18 @@ from models import ARCHITECTURES, build_model, check_state_dict, predict_proba, 
 RECIPES = {
     "simple": dict(epochs=60, lr=1e-3, batch_size=32, optimizer="adam", weight_decay=0.0),
     "resnet8": dict(epochs=30, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=5e-4),
+    # The airbench-style net learns fast and then memorizes the trucks: 15 epochs beat 30.
+    "whitened": dict(epochs=15, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=5e-4),
+    # --model best: the best recipe found (docs/study_results.md), whatever its architecture.
+    "best": dict(arch="whitened", epochs=15, lr=0.05, batch_size=64, optimizer="sgd", weight_decay=5e-4,
+                 mix="cutmix"),
+}
+# Defaults of the imbalance treatments, for any recipe that does not set them.
+TREATMENT_DEFAULTS = dict(loss="ce", tau=1.0, drw_start=0, mix="none", mix_alpha=1.0, ema=0.0)
+# The fold models of --fix-labels auto, by --repair-model: a recipe and its epochs per fold.
+REPAIR_RECIPES = {
+    "simple": dict(RECIPES["simple"], repair_epochs=8),
+    "best": dict(RECIPES["best"], repair_epochs=10),
 }
 
 
@@ -47,24 +60,30 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=TRAIN_PATH, help=f"training pickle (default: {TRAIN_PATH})")
     parser.add_argument("--dev-data", default=DEV_PATH, help=f"dev pickle for per-epoch scores (default: {DEV_PATH})")
     parser.add_argument("--cifar-dir", help="local CIFAR-10 copy used if the default data must be built")
-    parser.add_argument("--model", default="simple", choices=sorted(ARCHITECTURES), help="architecture (default: simple)")
-    parser.add_argument("--epochs", type=int_in(1, 100_000), help="epochs (default: 60 for simple, 30 for resnet8)")
-    parser.add_argument("--lr", type=lr_type, help="peak learning rate (default: 1e-3 Adam for simple, 0.05 SGD for resnet8)")
-    parser.add_argument("--batch-size", type=int_in(1, 65536), help="batch size (default: 32 for simple, 64 for resnet8)")
+    parser.add_argument("--model", default="simple", choices=sorted({*ARCHITECTURES, "best"}),
+                        help="architecture, or best: the best recipe (default: simple)")
+    parser.add_argument("--epochs", type=int_in(1, 100_000), help="epochs (default: 60 simple, 30 resnet8, 15 whitened and best)")
+    parser.add_argument("--lr", type=lr_type, help="peak learning rate (default: 1e-3 Adam for simple, 0.05 SGD for the others)")
+    parser.add_argument("--batch-size", type=int_in(1, 65536), help="batch size (default: 32 for simple, 64 for the others)")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), help="optimizer (default: per model)")
     parser.add_argument("--weight-decay", type=float_in(0, 1), help="weight decay (default: per model)")
     parser.add_argument("--schedule", choices=("constant", "cosine", "onecycle"), default="onecycle",
                         help="learning-rate schedule (default: onecycle)")
     parser.add_argument("--label-smoothing", type=float_in(0, 1, high_open=True), default=0.0, help="cross-entropy label smoothing (default: 0)")
-    parser.add_argument("--sampler", choices=("balanced", "none"), default="balanced",
-                        help="balanced: WeightedRandomSampler, weight 1/class count; none: plain shuffling")
+    parser.add_argument("--sampler", choices=("balanced", "sqrt", "none"), default="balanced",
+                        help="balanced: WeightedRandomSampler, weight 1/class count; sqrt: weight "
+                             "1/sqrt(class count); none: plain shuffling (default: balanced)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random flip, rotation/translation and colour jitter (default: on)")
     parser.add_argument("--fix-labels", default="auto", metavar="auto|none|FILE",
                         help="auto: find and relabel probable label errors; none: keep labels; FILE: JSON list of "
                              "{index, label} corrections (default: auto)")
     parser.add_argument("--repair-folds", type=int_in(2, 100), default=4, help="cross-validation folds for --fix-labels auto")
-    parser.add_argument("--repair-epochs", type=int_in(1, 10_000), default=8, help="epochs per fold model for --fix-labels auto")
+    parser.add_argument("--repair-epochs", type=int_in(1, 10_000),
+                        help="epochs per fold model for --fix-labels auto (default: 8 simple, 10 best)")
+    parser.add_argument("--repair-model", choices=sorted(REPAIR_RECIPES), default="simple",
+                        help="fold model of --fix-labels auto: simple (fast) or best (the --model best recipe: "
+                             "better repair, minutes longer) (default: simple)")
     parser.add_argument("--repair-action", choices=("relabel", "drop"), default="relabel",
                         help="what to do with the images found (default: relabel)")
     parser.add_argument("--repair-pairs", choices=("directional", "all"), default="directional",
@@ -85,6 +104,7 @@ def parse_args(argv=None):
     parser.add_argument("--robust-eval", type=int_in(0, 100_000), default=256, metavar="N",
                         help="with --adversarial: per epoch, FGSM and PGD-10 accuracy at --adv-epsilon on a fixed "
                              "random subset of N dev images (0: off) (default: 256)")
+    add_treatment_args(parser)
     parser.add_argument("--lr-sweep", type=lr_type, nargs="+", metavar="LR",
                         help="instead of training, run short runs at these rates and plot loss against steps")
     parser.add_argument("--sweep-steps", type=int_in(1, 1_000_000), default=300, help="steps per --lr-sweep run (default: 300)")
@@ -95,9 +115,13 @@ def parse_args(argv=None):
                         help="random seed, 0 to 2**32-1; CPU runs are repeatable (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
     args = parser.parse_args(argv)
-    for key, value in RECIPES[args.model].items():
-        if getattr(args, key) is None:
+    recipe = {"arch": args.model, **TREATMENT_DEFAULTS, **RECIPES[args.model]}
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.repair_epochs is None:
+        args.repair_epochs = REPAIR_RECIPES[args.repair_model]["repair_epochs"]
+    check_treatment_args(parser, args)
     return args
 
 
@@ -111,10 +135,21 @@ def balanced_weights(labels):
     return 1.0 / counts[labels]
 
 
+def sampler_weights(labels, sampler):
+    """Per-sample draw weights: balanced 1/count; sqrt 1/sqrt(count), halfway between the data's
+    class shares and equal ones (each truck drawn about half as often as with balanced); none 1."""
+    if sampler == "balanced":
+        return balanced_weights(labels)
+    if sampler == "sqrt":
+        return balanced_weights(labels).sqrt()
+    return torch.ones(len(labels), dtype=torch.double)
+
+
 def epoch_indices(labels, sampler, generator):
     """The training order of one epoch: len(labels) draws."""
-    if sampler == "balanced":
-        draws = WeightedRandomSampler(balanced_weights(labels), len(labels), replacement=True, generator=generator)
+    if sampler in ("balanced", "sqrt"):
+        draws = WeightedRandomSampler(sampler_weights(labels, sampler), len(labels), replacement=True,
+                                      generator=generator)
         return torch.tensor(list(draws))
     return torch.randperm(len(labels), generator=generator)
 
@@ -162,11 +197,194 @@ def augment_batch(images, generator, max_degrees=10.0, max_shift=0.1, jitter=0.2
 
 
 # ---------------------------------------------------------------------------
+# Imbalance treatments: logit adjustment, deferred re-balancing, mixup / cutmix, weight
+# averaging, and a validation split for choosing among checkpoints without the dev set.
+
+
+def add_treatment_args(parser):
+    group = parser.add_argument_group("imbalance treatments (defaults per --model recipe)")
+    group.add_argument("--loss", choices=("ce", "logit-adjusted", "balanced-softmax"),
+                       help="ce: cross-entropy; logit-adjusted: cross-entropy on logits + tau*log(prior) "
+                            "(Menon et al. 2021); balanced-softmax: the same with tau 1 (Ren et al. 2020). The "
+                            "prior is the class share of the training labels; beside the balanced sampler a small "
+                            "tau pushes the model towards the rare classes (default: ce)")
+    group.add_argument("--tau", type=float_in(0, 100), help="logit-adjustment strength tau (default: 1)")
+    group.add_argument("--drw-start", type=int_in(0, 100_000), metavar="EPOCH",
+                       help="deferred re-balancing (Cao et al. 2019): plain shuffling before this epoch, "
+                            "--sampler from it on; 0 = --sampler throughout (default: 0)")
+    group.add_argument("--mix", choices=("none", "mixup", "cutmix"),
+                       help="mix each batch with a shuffled copy of itself: mixup blends whole images, "
+                            "cutmix pastes a box; the loss mixes both labels (default: none)")
+    group.add_argument("--mix-alpha", type=float_in(0, 100, low_open=True),
+                       help="mixing share lambda ~ Beta(alpha, alpha) (default: 1)")
+    group.add_argument("--ema", type=float_in(0, 1, high_open=True), metavar="DECAY",
+                       help="keep an exponential moving average of the weights with this per-step decay and "
+                            "evaluate and save it instead of the raw weights; 0 = off (default: 0)")
+    parser.add_argument("--val-fraction", type=float_in(0, 0.5, high_open=True), default=0.0,
+                        help="hold out this stratified, seeded share of the training images as a validation "
+                             "split, scored every epoch (default: 0)")
+    parser.add_argument("--select", choices=("last", "best-val"), default="last",
+                        help="checkpoint to keep: last epoch, or the epoch with the best validation "
+                             "balanced accuracy (needs --val-fraction) (default: last)")
+
+
+def check_treatment_args(parser, args):
+    if args.drw_start > 1 and args.sampler == "none":
+        parser.error("--drw-start needs a --sampler to switch to (balanced or sqrt)")
+    if args.select == "best-val" and args.val_fraction == 0:
+        parser.error("--select best-val needs a validation split (--val-fraction)")
+
+
+def epoch_sampler(args, epoch):
+    """Deferred re-balancing: plain shuffling before --drw-start, the chosen sampler from it on (epochs from 1)."""
+    return "none" if epoch < args.drw_start else args.sampler
+
+
+def label_log_prior(labels):
+    """log of each class's share of the training labels: the prior of the logit-adjusted losses.
+
+    It is the data's prior whatever the sampler draws (Menon et al.'s definition). With
+    --sampler none, tau 1 undoes the imbalance; beside the balanced sampler the adjustment
+    pushes further towards the rare classes, which a model that memorized its few trucks
+    needs (its truck recall on new images lags car's); tau sets how far.
+    """
+    shares = torch.bincount(labels, minlength=len(CLASSES)).double()
+    return (shares / shares.sum()).clamp(min=1e-12).log().float()
+
+
+def logit_adjusted_cross_entropy(logits, targets, log_prior, tau=1.0, label_smoothing=0.0):
+    """Menon et al. (2021): cross-entropy on logits + tau * log(prior).
+
+    The model must outscore the prior of common classes during training, so its raw logits
+    (used unchanged at test time) estimate p(x | y) rather than p(y | x): the decision that
+    maximizes balanced accuracy.
+    """
+    return F.cross_entropy(logits + tau * log_prior.to(logits), targets, label_smoothing=label_smoothing)
+
+
+def balanced_softmax_cross_entropy(logits, targets, prior, label_smoothing=0.0):
+    """Ren et al. (2020): softmax with each class's exp(logit) weighted by its prior. Since
+    prior_j * exp(z_j) = exp(z_j + log prior_j), this is logit adjustment with tau = 1."""
+    return logit_adjusted_cross_entropy(logits, targets, prior.log(), 1.0, label_smoothing)
+
+
+def mix_batch(x, y, mode, alpha, generator):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) within a batch.
+
+    Returns (images, labels, partner labels, lam): the loss is lam * loss(labels) +
+    (1 - lam) * loss(partner labels). Every draw comes from `generator`, so runs repeat.
+    """
+    import random
+
+    # torch.distributions cannot take a generator; Python's Beta sampler seeded from it can.
+    lam = random.Random(int(torch.randint(2**62, (1,), generator=generator))).betavariate(alpha, alpha)
+    partner = torch.randperm(len(x), generator=generator).to(x.device)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[partner], y, y[partner], lam
+    h, w = x.shape[-2:]
+    cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    cy, cx = (int(v) for v in torch.randint(0, h, (1,), generator=generator).tolist() +
+              torch.randint(0, w, (1,), generator=generator).tolist())
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, w)
+    x = x.clone()
+    x[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
+    lam = 1 - (bottom - top) * (right - left) / (h * w)  # the box may be clipped at the border
+    return x, y, y[partner], lam
+
+
+def batch_loss(logits, y, y_partner, lam, args, log_prior):
+    if args.loss == "ce":
+        def loss(targets):
+            return F.cross_entropy(logits, targets, label_smoothing=args.label_smoothing)
+    else:
+        tau = 1.0 if args.loss == "balanced-softmax" else args.tau
+        def loss(targets):
+            return logit_adjusted_cross_entropy(logits, targets, log_prior, tau, args.label_smoothing)
+    return loss(y) if lam == 1 else lam * loss(y) + (1 - lam) * loss(y_partner)
+
+
+def new_average(model, args):
+    """The EMA weights (and batch-norm statistics) as a state dict, or None without --ema."""
+    if not args.ema:
+        return None
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def update_average(average, model, decay):
+    """average <- decay * average + (1 - decay) * weights; integer buffers are copied."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                average[name].lerp_(value, 1 - decay)
+            else:
+                average[name].copy_(value)
+
+
+def ema_decay(args, step):
+    """--ema's decay, warmed up over the first steps ((1 + t) / (10 + t)) so early random
+    weights fade out fast."""
+    return min(args.ema, (1 + step) / (10 + step))
+
+
+def averaged_model(model, average):
+    """The model to evaluate and save: the EMA weights when averaging, else the model itself."""
+    if average is None:
+        return model
+    copy_ = copy.deepcopy(model)
+    copy_.load_state_dict(average)
+    return copy_
+
+
+def validation_split(labels, fraction, seed):
+    """Stratified, seeded hold-out: (training indices, validation indices), disjoint, sorted.
+
+    Each class (by given label) gives round(fraction * its count) images, at least one when
+    fraction > 0. It depends only on (labels, fraction, seed), so a resumed run gets the same split.
+    """
+    generator = torch.Generator().manual_seed(
+        int.from_bytes(hashlib.sha256(repr((seed, "validation")).encode()).digest()[:7], "little"))
+    held = []
+    for c in range(len(CLASSES)):
+        members = (labels == c).nonzero().flatten()
+        count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) > 1 else 0
+        held.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    val = torch.cat(held).sort().values
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[val] = True
+    return (~is_val).nonzero().flatten(), val
+
+
+def new_model(args, images, device, salt):
+    """A freshly initialized --model (seeded by salt); data-dependent layers set from images."""
+    seeded(args.seed, salt, "init")
+    model = build_model(args.arch)
+    if hasattr(model, "init_whitening"):
+        model.init_whitening(images)
+    return model.to(device)
+
+
+def train_epoch(model, optimizer, scheduler, images, labels, args, epoch, generator, device, average=None):
+    """One epoch (numbered from 1) with the treatments: DRW's sampler, the loss's prior, EMA."""
+    sampler = epoch_sampler(args, epoch)
+    steps = [scheduler.last_epoch]
+
+    def after_step():
+        steps[0] += 1
+        if average is not None:
+            update_average(average, model, ema_decay(args, steps[0]))
+
+    log_prior = None if args.loss == "ce" else label_log_prior(labels)
+    return run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, sampler=sampler,
+                     log_prior=log_prior, after_step=after_step)
+
+
+# ---------------------------------------------------------------------------
 # Training
 
 
 def make_optimizer(model, args, steps_total):
-    params = model.parameters()
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers (whitening) stay out
     if args.optimizer == "adam":
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay) if args.weight_decay \
             else torch.optim.Adam(params, lr=args.lr)
@@ -265,14 +483,18 @@ def catastrophic_overfitting(history):
     return None
 
 
-def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, losses=None):
+def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, losses=None,
+              sampler=None, log_prior=None, after_step=None):
     """One pass of len(labels) sampled, augmented images; returns the loss of every step
     (appended to `losses` when given, so a caller keeps them if the epoch fails).
 
+    sampler overrides args.sampler (deferred re-balancing), log_prior is the prior of the
+    logit-adjusted losses, after_step() runs after every optimizer step (weight averaging).
     Raises FloatingPointError when the loss stops being finite.
     """
     model.train()
-    order = epoch_indices(labels, args.sampler, generator)
+    order = epoch_indices(labels, args.sampler if sampler is None else sampler, generator)
+    mix = getattr(args, "mix", "none")
     if max_steps is not None:
         order = order[: max_steps * args.batch_size]
     losses = [] if losses is None else losses
@@ -286,12 +508,19 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
             x_chunk = augment_batch(x_chunk, generator)
         for b in range(0, len(idx), args.batch_size):
             x, y = x_chunk[b : b + args.batch_size], y_chunk[b : b + args.batch_size]
-            x = adversarial_batch(model, x, y, args, generator)
-            loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+            x = adversarial_batch(model, x, y, args, generator)  # attack first: mixing then mixes attacked images
+            if mix == "none" and log_prior is None:
+                loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+            else:
+                x, y, y_partner, lam = (mix_batch(x, y, mix, args.mix_alpha, generator) if mix != "none"
+                                        else (x, y, y, 1.0))
+                loss = batch_loss(model(x), y, y_partner, lam, args, log_prior)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step()
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {len(losses) + 1} of the epoch")
@@ -310,12 +539,14 @@ def seeded(seed, *salt):
 
 def fit(images, labels, args, device, epochs, salt):
     """Train a fresh model for `epochs` epochs without evaluation or checkpoints (used by repair folds)."""
-    seeded(args.seed, salt, "init")
-    model = build_model(args.model).to(device)
+    model = new_model(args, images, device, salt)
     optimizer, scheduler = make_optimizer(model, args, epochs * math.ceil(len(labels) / args.batch_size))
-    for epoch in tqdm(range(epochs), desc=f"  {salt} epochs", leave=False, file=sys.stderr):
-        run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, salt, epoch), device)
-    return model
+    average = new_average(model, args)
+    # disable=None: no bar when stderr is not a terminal (log files, CI); the fold's line still prints.
+    for epoch in tqdm(range(epochs), desc=f"  {salt} epochs", leave=False, file=sys.stderr, disable=None):
+        train_epoch(model, optimizer, scheduler, images, labels, args, epoch + 1, seeded(args.seed, salt, epoch),
+                    device, average)
+    return averaged_model(model, average)
 
 
 # ---------------------------------------------------------------------------
@@ -328,15 +559,21 @@ def out_of_fold_probabilities(images, labels, args, device):
 
     folds = StratifiedKFold(n_splits=args.repair_folds, shuffle=True, random_state=args.seed)
     probs = torch.zeros(len(labels), len(CLASSES))
-    # The fold models are SimpleModels whatever --model is: k of them must fit in the time budget.
+    start = time.time()
+    # The fold models follow --repair-model's recipe (SimpleModel by default), whatever --model
+    # is: k of them must fit in the time budget. No deferred re-balancing: the folds are short.
     # They train plainly even when the final model trains adversarially: they only rank labels.
-    fold_args = argparse.Namespace(**{**vars(args), **RECIPES["simple"], "model": "simple", "adversarial": "none"})
+    recipe = {key: value for key, value in REPAIR_RECIPES[args.repair_model].items() if key != "repair_epochs"}
+    model = "simple" if args.repair_model == "simple" else "best"
+    fold_args = argparse.Namespace(**{**vars(args), "arch": model, **TREATMENT_DEFAULTS, **recipe, "model": model,
+                                      "drw_start": 0, "adversarial": "none"})
     for k, (train_idx, held_idx) in enumerate(folds.split(labels.numpy(), labels.numpy())):
         train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
         model = fit(images[train_idx], labels[train_idx], fold_args, device, args.repair_epochs, f"fold{k + 1}")
         probs[held_idx] = predict_proba(model, images[held_idx], device, flip=True)
         print(f"  fold {k + 1}/{args.repair_folds}: held-out agreement with given labels "
-              f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f}", file=sys.stderr)
+              f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f} "
+              f"({time.time() - start:.0f}s)", file=sys.stderr)
     return probs
 
 
@@ -355,13 +592,16 @@ def directional_pairs(given, suggested, class_sizes, factor=3.0):
     A classifier that mixes up two classes (car and truck) is wrong both ways, and relabeling
     those flags teaches it the confusion; label noise (cats filed as "car") runs one way. A
     pair passes when its flag rate (flags / images given that label) is at least `factor`
-    times the rate of the reverse pair. Returns a [C, C] boolean matrix.
+    times the rate of the reverse pair, and so is its count of flags. The count matters for
+    strong fold models: their few errors on a rare class (30 of 400 trucks taken for cars)
+    are a high rate against the reverse (80 of 4,600 cars taken for trucks) but no majority
+    of the flags. Returns a [C, C] boolean matrix.
     """
     num_classes = len(class_sizes)
     flags = torch.zeros(num_classes, num_classes)
     flags.index_put_((given, suggested), torch.ones(len(given)), accumulate=True)
     rate = flags / class_sizes.clamp(min=1).float()[:, None]
-    return (flags > 0) & (rate >= factor * rate.T)
+    return (flags > 0) & (rate >= factor * rate.T) & (flags >= factor * flags.T)
 
 
 def find_label_repairs(labels, probs, pairs="directional"):
@@ -453,7 +693,7 @@ def repair_labels(images, labels, args, device):
 
     start = time.time()
     print(f"Label repair: {args.repair_folds}-fold out-of-fold predictions "
-          f"({args.repair_epochs} epochs per fold) ...", file=sys.stderr)
+          f"({args.repair_model} fold models, {args.repair_epochs} epochs per fold) ...", file=sys.stderr)
     probs = out_of_fold_probabilities(images, labels, args, device)
     issues, suggested, confidence, act = find_label_repairs(labels, probs, args.repair_pairs)
     report = {
@@ -494,11 +734,10 @@ def lr_sweep(images, labels, args, device):
     results = []
     for lr in args.lr_sweep:
         run_args = argparse.Namespace(**{**vars(args), "lr": lr, "schedule": "constant"})
-        seeded(args.seed, "sweep", "init")
-        model = build_model(args.model).to(device)
+        model = new_model(args, images, device, "sweep")
         optimizer, scheduler = make_optimizer(model, run_args, args.sweep_steps)
         losses, diverged, generator = [], None, seeded(args.seed, "sweep")
-        with tqdm(total=args.sweep_steps, desc=f"lr {lr:g}", file=sys.stderr) as bar:
+        with tqdm(total=args.sweep_steps, desc=f"lr {lr:g}", file=sys.stderr, disable=None) as bar:
             while len(losses) < args.sweep_steps and diverged is None:
                 try:
                     run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, device,
@@ -570,6 +809,8 @@ def resume_path(out):
 RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
             "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
             "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval")
+# Settings added with the imbalance treatments; a resumed run must match these too.
+RUN_KEYS += ("arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model")
 
 
 def data_fingerprint(images, labels):
@@ -622,8 +863,24 @@ def plot_training_curves(history, path):
     save_figure(fig, path)
 
 
+def scores(model, images, labels, device):
+    from tester import compute_metrics
+
+    return compute_metrics(labels.numpy(), predict_proba(model, images, device).argmax(1).numpy())
+
+
+def epoch_line(epoch, loss, dev, val):
+    """One log line per epoch: training loss, dev (and validation) per-class and balanced accuracy."""
+    line = f"epoch {epoch:3d}  loss {loss:.4f}"
+    for name, m in (("val", val), ("dev", dev)):
+        if m is not None:
+            line += f"  {name} " + "  ".join(f"{n} {m['per_class'][n]['accuracy']:.3f}" for n in CLASSES) + \
+                    f"  balanced {m['balanced_accuracy']:.4f}"
+    return line
+
+
 def train(train_x, train_y, dev_x, dev_y, args, device):
-    from tester import compute_metrics, format_metrics
+    from tester import format_metrics
 
     state_path = resume_path(args.out)
     fingerprint = data_fingerprint(train_x, train_y)
@@ -639,22 +896,34 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                               "run again, or skip repair with --fix-labels none") from None
     if not keep.any():
         raise UserError(f"--fix-labels {args.fix_labels}: drops every training image; nothing left to train on")
-    images, labels = train_x[keep], all_labels[keep]
+    # The validation split is carved from the given labels before anything else, seeded: the same
+    # images on every run and resume, never trained on. Its labels are the repaired ones.
+    train_idx, val_idx = validation_split(train_y, args.val_fraction, args.seed)
+    train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+    images, labels = train_x[train_idx], all_labels[train_idx]
+    val_x, val_y = train_x[val_idx], all_labels[val_idx]
     warn_missing_classes(labels, "training labels")
-    print(f"Training {args.model} on {len(labels)} images (labels {dict(zip(CLASSES, class_counts(labels)))}), "
+    print(f"Training {args.arch} on {len(labels)} images (labels {dict(zip(CLASSES, class_counts(labels)))}), "
           f"{args.epochs} epochs, {args.optimizer} lr {args.lr:g} {args.schedule}, batch {args.batch_size}, "
-          f"sampler {args.sampler}, augment {'on' if args.augment else 'off'}, device {device}", file=sys.stderr)
+          f"sampler {args.sampler}" + (f" from epoch {args.drw_start}" if args.drw_start > 1 else "") +
+          f", augment {'on' if args.augment else 'off'}, loss {args.loss}"
+          + (f" tau {args.tau:g}" if args.loss == "logit-adjusted" else "")
+          + (f", {args.mix} alpha {args.mix_alpha:g}" if args.mix != "none" else "")
+          + (f", EMA {args.ema:g}" if args.ema else "")
+          + (f", validation split {len(val_y)} images, keep {args.select}" if len(val_y) else "")
+          + f", device {device}", file=sys.stderr)
 
-    seeded(args.seed, "main", "init")
-    model = build_model(args.model).to(device)
+    model = new_model(args, images, device, "main")
     optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(labels) / args.batch_size))
-    history, first_epoch = [], 1
+    average = new_average(model, args)
+    history, first_epoch, best = [], 1, None
     if state is not None:
         check_state_dict(model, state["model"], state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, first_epoch = state["history"], state["epoch"] + 1
+        average, best = state.get("average"), state.get("best")
 
     config = {k: getattr(args, k) for k in RUN_KEYS}
     robust_x = robust_y = None
@@ -663,23 +932,24 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
         subset = torch.randperm(len(dev_y), generator=torch.Generator().manual_seed(args.seed))[: args.robust_eval]
         robust_x, robust_y = dev_x[subset].to(device), dev_y[subset].to(device)
     start = time.time()
+    # disable=None: no bar when stderr is not a terminal (log files, CI); the epoch lines still print.
     bar = tqdm(range(first_epoch, args.epochs + 1), initial=first_epoch - 1, total=args.epochs,
-               desc="epochs", file=sys.stderr)
+               desc="epochs", file=sys.stderr, disable=None)
     try:
         for epoch in bar:
             try:
-                losses = run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, "main", epoch),
-                                   device)
+                losses = train_epoch(model, optimizer, scheduler, images, labels, args, epoch,
+                                     seeded(args.seed, "main", epoch), device, average)
             except FloatingPointError as e:
                 raise UserError(f"training diverged in epoch {epoch} ({e}): lower the learning rate "
                                 f"(--lr {args.lr:g}); the last good state is in {state_path}") from None
-            dev = compute_metrics(dev_y.numpy(), predict_proba(model, dev_x, device).argmax(1).numpy())
-            history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "dev": dev})
-            line = f"epoch {epoch:3d}  loss {history[-1]['loss']:.4f}  dev " + "  ".join(
-                f"{n} {dev['per_class'][n]['accuracy']:.3f}" for n in CLASSES) + \
-                f"  balanced {dev['balanced_accuracy']:.4f}"
+            scored = averaged_model(model, average)
+            dev = scores(scored, dev_x, dev_y, device)
+            val = scores(scored, val_x, val_y, device) if len(val_y) else None
+            history.append({"epoch": epoch, "loss": sum(losses) / len(losses), "dev": dev, "val": val})
+            line = epoch_line(epoch, history[-1]["loss"], dev, val)
             if robust_x is not None:
-                robust = robust_accuracy(model, robust_x, robust_y, args, seeded(args.seed, "robust", epoch))
+                robust = robust_accuracy(scored, robust_x, robust_y, args, seeded(args.seed, "robust", epoch))
                 history[-1]["robust"] = robust
                 line += f"  |  {len(robust_y)} dev images at eps {args.adv_epsilon:.4g}: clean {robust['clean']:.3f}" \
                         f" fgsm {robust['fgsm']:.3f} pgd {robust['pgd']:.3f}"
@@ -691,11 +961,20 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                            f"collapsed to {history[-1]['robust']['pgd']:.3f} while FGSM accuracy is "
                            f"{history[-1]['robust']['fgsm']:.3f}; the model defeats the single-step attack only. "
                            "Use --adversarial fgsm-rs or pgd, or a smaller --adv-epsilon", file=sys.stderr)
+            # Checkpoint selection looks at the validation split only, never at dev.
+            if args.select == "best-val" and (best is None or val["balanced_accuracy"] > best["score"]):
+                best = {"epoch": epoch, "score": val["balanced_accuracy"],
+                        "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
+            keep_model = scored
+            if best is not None:
+                keep_model = copy.deepcopy(scored)
+                keep_model.load_state_dict(best["state"])
             # The checkpoint first, then the resume state: a kill between them loses nothing.
-            save_checkpoint(model, args.out)
+            save_checkpoint(keep_model, args.out)
             snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                        "labels": all_labels, "keep": keep, "config": config, "data_sha256": fingerprint}
+                        "labels": all_labels, "keep": keep, "config": config, "data_sha256": fingerprint,
+                        "average": average, "best": best}
             atomic_write(state_path, lambda f: torch.save(snapshot, f))
     except KeyboardInterrupt:
         bar.close()
@@ -708,18 +987,21 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     bar.close()
     elapsed = time.time() - start
     plot_training_curves(history, Path(args.figures) / "training_curves.png")
-    final = history[-1]["dev"]
+    chosen = history[-1] if best is None else next(h for h in history if h["epoch"] == best["epoch"])
+    final = chosen["dev"]
     summary = {"checkpoint": str(args.out), "config": config, "train_seconds": round(elapsed, 1),
-               "history": history, "final_dev": final}
+               "history": history, "selected_epoch": chosen["epoch"], "final_dev": final}
     if args.adversarial != "none":
         overfit = catastrophic_overfitting(history)
         summary["adversarial"] = {
             "method": args.adversarial, "epsilon": args.adv_epsilon, "epsilon_scale": "[0, 1] pixels",
             "steps": args.adv_steps if args.adversarial == "pgd" else 1, "step_size": adv_step_size(args),
             "random_start": args.adversarial != "fgsm", "catastrophic_overfitting_epoch": overfit,
-            "final_robust": history[-1].get("robust"),
+            "final_robust": chosen.get("robust"),
         }
     atomic_write(Path(args.figures) / "training.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    if best is not None:
+        print(f"Kept epoch {chosen['epoch']} (best validation balanced accuracy {best['score']:.4f})")
     print(format_metrics(final))
     print(f"Saved {args.out} ({elapsed:.0f}s of training) and {Path(args.figures) / 'training_curves.png'}")
     return model

@@ -1,12 +1,13 @@
 """Accuracy of each training configuration: the evidence behind every default.
 
-    python bench/accuracy.py                      # all configurations (about 20 minutes on 2 CPU cores)
-    python bench/accuracy.py --only seed default  # a subset, by name
-    python bench/accuracy.py --seeds 0 1 2        # mean over seeds (runs vary by about 1 point)
+    python bench/accuracy.py --only default best           # a subset, by name (3 seeds each)
+    python bench/accuracy.py --seeds 0 1 2 3 4             # more seeds (runs vary by about 1.4 points)
+    python bench/accuracy.py --data data-tune/train.pickle --dev-data data-tune/dev.pickle   # tuning set
 
-Each configuration runs `trainer.py` with a fixed seed on the built data, then `tester.py`
-on the dev set (plain and with flip averaging). Prints a table of per-class and balanced
-dev accuracy and wall time, and writes it as JSON (--json).
+Each configuration runs `trainer.py` once per seed on the built data, then `tester.py --tta
+none` on the dev set. Prints, per configuration, the mean and the (min-max) range over the
+seeds of per-class and balanced accuracy and of the wall time, and writes every run as JSON
+(--json). All configurations with 3 seeds take hours on 2 CPU cores.
 """
 import argparse
 import json
@@ -49,7 +50,7 @@ def evaluate(name, flags, seed, work, args):
     run([sys.executable, str(ROOT / "trainer.py"), "--seed", str(seed), "--data", args.data,
          "--dev-data", args.dev_data, "--out", str(ckpt), "--figures", str(work / name), *flags])
     row = {"name": name, "seed": seed, "flags": " ".join(flags), "seconds": round(time.time() - start, 1)}
-    for tta in ("none", "flip"):
+    for tta in ("none", "flip") if args.flip_tta else ("none",):
         run([sys.executable, str(ROOT / "tester.py"), "--checkpoint", str(ckpt), "--data", args.dev_data,
              "--out", str(work / name), "--tta", tta])
         metrics = json.loads((work / name / f"metrics_{ckpt.stem}.json").read_text())
@@ -58,34 +59,49 @@ def evaluate(name, flags, seed, work, args):
     return row
 
 
-def mean(rows, *keys):
-    values = []
+def values(rows, *keys):
+    out = []
     for row in rows:
         for key in keys:
             row = row[key]
-        values.append(row)
-    return sum(values) / len(values)
+        out.append(row)
+    return out
+
+
+def spread(rows, *keys, digits=3):
+    """mean (min-max) over seeds."""
+    v = values(rows, *keys)
+    return f"{sum(v) / len(v):.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="configurations to run (default: all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to average over (default: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds to run each configuration with (default: 0 1 2)")
     parser.add_argument("--data", default=TRAIN_PATH)
     parser.add_argument("--dev-data", default=DEV_PATH)
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="also score with flip averaging (tester.py --tta flip); the table's numbers are "
+                             "always the plain model")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     ensure_data(args.data, args.dev_data)
     rows = []
-    print(f"dev accuracy, mean over seeds {args.seeds}")
-    print(f"{'configuration':<12} {'car':>6} {'truck':>6} {'cat':>6} {'balanced':>9} {'+flip TTA':>10} {'time':>6}")
+    print(f"{args.dev_data}: accuracy of the plain model (tester.py --tta none), "
+          f"mean (min-max) over seeds {' '.join(map(str, args.seeds))}; time: whole trainer.py run, wall clock")
+    header = f"{'configuration':<18} {'car':>6} {'truck':>19} {'cat':>6} {'balanced':>19} {'time (s)':>15}"
+    print(header + (f" {'+flip TTA':>10}" if args.flip_tta else ""))
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only or CONFIGS:
             runs = [evaluate(name, CONFIGS[name][0], seed, Path(tmp), args) for seed in args.seeds]
             rows += runs
-            print(f"{name:<12} " + " ".join(f"{mean(runs, 'none', c):6.3f}" for c in CLASSES) +
-                  f" {mean(runs, 'none', 'balanced'):9.4f} {mean(runs, 'flip', 'balanced'):10.4f}"
-                  f" {mean(runs, 'seconds'):5.0f}s", flush=True)
+            line = (f"{name:<18} {spread(runs, 'none', 'car')[:5]:>6} {spread(runs, 'none', 'truck'):>19} "
+                    f"{spread(runs, 'none', 'cat')[:5]:>6} {spread(runs, 'none', 'balanced'):>19} "
+                    f"{spread(runs, 'seconds', digits=0):>15}")
+            if args.flip_tta:
+                line += f" {spread(runs, 'flip', 'balanced')[:5]:>10}"
+            print(line, flush=True)
     for name in args.only or CONFIGS:
         print(f"  {name}: {CONFIGS[name][1]}")
     if args.json:

@@ -90,7 +90,12 @@ def test_directional_filter_keeps_one_way_noise_and_skips_two_way_confusion():
     given, suggested = torch.tensor(pairs).T
     ok = trainer.directional_pairs(given, suggested, sizes)
     assert ok[0, 2] and not ok[0, 1] and not ok[1, 0] and not ok[2, 0]
-    # Rates, not counts: 10 flags out of 1,000 cars are rarer than 12 out of 100 trucks.
+    # Rates and counts: 10 flags out of 1,000 cars are rarer than 12 out of 100 trucks, but 12
+    # flags do not outnumber 10 (a strong model's few errors on a rare class are no noise) ...
+    ok = trainer.directional_pairs(given, suggested, torch.tensor([1000, 100, 100]))
+    assert not ok[1, 0] and not ok[0, 1]
+    # ... while 40 truck->car flags against 10 car->truck pass on both.
+    given, suggested = torch.tensor([(1, 0)] * 40 + [(0, 1)] * 10).T
     ok = trainer.directional_pairs(given, suggested, torch.tensor([1000, 100, 100]))
     assert ok[1, 0] and not ok[0, 1]
 
