@@ -2,8 +2,8 @@
 
     python adversarialExample.py                          # FGSM on checkpoints/trained.ckpt
     python adversarialExample.py --attack pgd             # PGD as well, both curves in one figure
-    python adversarialExample.py --attack pgd --steps 20 --restarts 5 --transfer-from checkpoints/trained.ckpt \
-        --checkpoint checkpoints/robust.ckpt             # an evaluation gradient masking cannot fool
+    python adversarialExample.py --checkpoint checkpoints/robust.ckpt --attack pgd --steps 20 --restarts 5
+                                                          # an evaluation gradient masking cannot fool
     python adversarialExample.py --compare checkpoints/trained.ckpt checkpoints/robust.ckpt --attack pgd
     python adversarialExample.py --target cat             # targeted: push non-cats towards "cat"
 

@@ -33,6 +33,20 @@ CONFIGS = {
     "onecycle": (["--fix-labels", "none"], "seed recipe + one-cycle learning-rate schedule"),
     "default": ([], "trainer.py defaults: one-cycle + automatic label repair"),
     "resnet8": (["--model", "resnet8"], "the stronger model (--model resnet8), with its defaults"),
+    # The imbalance study (#11): each treatment on top of the default recipe, then on --model best.
+    "la": (["--loss", "logit-adjusted", "--tau", "0.5"], "default + logit-adjusted loss, tau 0.5, beside the sampler"),
+    "la-no-sampler": (["--sampler", "none", "--loss", "logit-adjusted", "--tau", "1"],
+                      "default with logit adjustment (tau 1) instead of the sampler"),
+    "drw": (["--drw-start", "46"], "default + deferred re-balancing: plain shuffling for epochs 1-45"),
+    "mixup": (["--mix", "mixup"], "default + mixup"),
+    "cutmix": (["--mix", "cutmix"], "default + cutmix"),
+    "ema": (["--ema", "0.999"], "default + weight averaging (EMA 0.999)"),
+    "best": (["--model", "best"], "--model best: WhitenedCNN, 15 epochs, cutmix"),
+    "best-no-mix": (["--model", "best", "--mix", "none"], "--model best without cutmix"),
+    "best-mixup": (["--model", "best", "--mix", "mixup"], "--model best with mixup instead of cutmix"),
+    "best-ema": (["--model", "best", "--ema", "0.99"], "--model best + EMA 0.99"),
+    "best-la": (["--model", "best", "--loss", "logit-adjusted", "--tau", "0.5"],
+                "--model best + logit-adjusted loss, tau 0.5"),
 }
 
 

@@ -101,15 +101,18 @@ def test_the_training_attack_sees_the_augmented_batch(monkeypatch, tmp_path):
 
 
 def test_catastrophic_overfitting_detector():
-    def history(*pairs):
-        return [{"epoch": i + 1, "robust": {"fgsm": f, "pgd": p}} for i, (f, p) in enumerate(pairs)]
+    def history(*triples):
+        return [{"epoch": i + 1, "robust": {"clean": c, "fgsm": f, "pgd": p}} for i, (c, f, p) in enumerate(triples)]
 
-    assert trainer.catastrophic_overfitting(history((0.5, 0.4), (0.55, 0.42), (0.9, 0.01))) == 3
-    assert trainer.catastrophic_overfitting(history((0.5, 0.4), (0.55, 0.42), (0.6, 0.45))) is None
-    # A model that never was robust has nothing to collapse from.
-    assert trainer.catastrophic_overfitting(history((0.1, 0.02), (0.3, 0.01))) is None
-    # Both attacks falling together is ordinary weakness, not overfitting to FGSM.
-    assert trainer.catastrophic_overfitting(history((0.5, 0.4), (0.05, 0.02))) is None
+    # Robustness collapses while FGSM keeps looking harmless (Wong et al.'s failure).
+    assert trainer.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.55, 0.42), (0.95, 0.9, 0.01))) == 3
+    assert trainer.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.55, 0.42), (0.8, 0.6, 0.45))) is None
+    # Never robust, yet FGSM barely hurts: the single-step attack is defeated from the start.
+    assert trainer.catastrophic_overfitting(history((0.6, 0.45, 0.0), (0.55, 0.5, 0.0))) == 1
+    # A weak early model that both attacks break is no overfitting...
+    assert trainer.catastrophic_overfitting(history((0.6, 0.35, 0.004), (0.73, 0.45, 0.05))) is None
+    # ... nor is both attacks falling together.
+    assert trainer.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.05, 0.02))) is None
 
 
 # ---------------------------------------------------------------------------
@@ -159,6 +162,19 @@ def test_fgsm_rs_training_raises_robust_accuracy(standard_and_robust, small_data
     # The checkpoint is the course format, loadable by the course's own API.
     assert list(torch.load(robust, weights_only=True)) == ["model_state_dict"]
     SimpleModel().load(robust)
+
+
+def test_detector_fires_on_a_run_that_overfits_catastrophically(small_data, tmp_path):
+    # Plain FGSM (no random start) at 16/255 on the airbench-style network: within three
+    # epochs PGD leaves nothing while FGSM still leaves about 40 % (measured: 0.395-0.475
+    # FGSM, 0.000 PGD, clean 0.49-0.63).
+    ckpt, log = train(small_data, tmp_path, "fgsm16", "--model", "whitened", "--adversarial", "fgsm",
+                      "--adv-epsilon", "16/255", "--robust-eval", "200", epochs=3)
+    assert "warning: catastrophic overfitting in epoch" in log.stderr
+    record = json.loads((tmp_path / "fgsm16" / "training.json").read_text())
+    assert record["adversarial"]["catastrophic_overfitting_epoch"] in (1, 2, 3)
+    assert record["adversarial"]["random_start"] is False
+    assert load_model(ckpt).arch == "whitened"  # still a checkpoint every script loads
 
 
 # ---------------------------------------------------------------------------
