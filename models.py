@@ -145,7 +145,7 @@ class _ConvGroup(nn.Module):
         return F.gelu(self.norm2(self.conv2(x)))
 
 
-class WhitenedCNN(nn.Module):
+class WhitenedCNN(Checkpointed):
     """An airbench-style network (Keller Jordan's airbench94), narrowed for a 2-core CPU.
 
     The first layer is a frozen 2x2 convolution whose filters are the eigenvectors of the

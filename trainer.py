@@ -229,6 +229,9 @@ def add_treatment_args(parser):
 
 
 def check_treatment_args(parser, args):
+    if args.drw_start > args.epochs:
+        parser.error(f"--drw-start {args.drw_start} is after the last epoch ({args.epochs}): the sampler would never "
+                     "switch on")
     if args.drw_start > 1 and args.sampler == "none":
         parser.error("--drw-start needs a --sampler to switch to (balanced or sqrt)")
     if args.select == "best-val" and args.val_fraction == 0:
@@ -573,7 +576,11 @@ def out_of_fold_probabilities(images, labels, args, device):
                                       "drw_start": 0, "adversarial": "none"})
     for k, (train_idx, held_idx) in enumerate(folds.split(labels.numpy(), labels.numpy())):
         train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
-        model = fit(images[train_idx], labels[train_idx], fold_args, device, args.repair_epochs, f"fold{k + 1}")
+        try:
+            model = fit(images[train_idx], labels[train_idx], fold_args, device, args.repair_epochs, f"fold{k + 1}")
+        except FloatingPointError as e:
+            raise UserError(f"label repair: fold model {k + 1} diverged ({e}); use --repair-model simple, or "
+                            "--fix-labels none") from None
         probs[held_idx] = predict_proba(model, images[held_idx], device, flip=True)
         print(f"  fold {k + 1}/{args.repair_folds}: held-out agreement with given labels "
               f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f} "
@@ -745,7 +752,8 @@ def lr_sweep(images, labels, args, device):
             while len(losses) < args.sweep_steps and diverged is None:
                 try:
                     run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, device,
-                              max_steps=args.sweep_steps - len(losses), losses=losses)
+                              max_steps=args.sweep_steps - len(losses), losses=losses,
+                              log_prior=None if args.loss == "ce" else label_log_prior(labels))
                 except FloatingPointError:
                     diverged = f"loss became NaN or infinite at step {len(losses) + 1}"
                 bar.n = len(losses)
@@ -928,6 +936,9 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
         scheduler.load_state_dict(state["scheduler"])
         history, first_epoch = state["history"], state["epoch"] + 1
         average, best = state.get("average"), state.get("best")
+        if average is not None:
+            check_state_dict(model, average, state_path)
+            average = {k: v.to(device) for k, v in average.items()}
 
     config = {k: getattr(args, k) for k in RUN_KEYS}
     robust_x = robust_y = None

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer  # noqa: E402
 from cli import int_in, pick_device, run_main  # noqa: E402
 from dataset import TRAIN_PATH, ensure_data, load_pickle  # noqa: E402
-from models import ARCHITECTURES, build_model  # noqa: E402
+from models import ARCHITECTURES  # noqa: E402
 
 MODES = ("none", "fgsm-rs", "pgd")
 
@@ -30,8 +30,7 @@ def timed_steps(mode, images, labels, args, device):
     """Seconds for args.steps training batches in the given adversarial mode."""
     run_args = trainer.parse_args(["--model", args.model, "--adversarial", mode, "--adv-steps", str(args.adv_steps),
                                    "--fix-labels", "none"])
-    torch.manual_seed(0)
-    model = build_model(args.model).to(device)
+    model = trainer.new_model(run_args, images, device, "bench")  # seeded; the whitening layer set from data
     optimizer, scheduler = trainer.make_optimizer(model, run_args, args.steps)
     start = time.perf_counter()
     trainer.run_epoch(model, optimizer, scheduler, images, labels, run_args, torch.Generator().manual_seed(0),

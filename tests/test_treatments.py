@@ -236,3 +236,33 @@ def test_resume_with_treatments_matches_an_uninterrupted_run(small_data, tmp_pat
         assert torch.equal(ra["model"][key], rb["model"][key]), key
         assert torch.equal(ra["average"][key], rb["average"][key]), key
     assert ra["best"]["epoch"] == rb["best"]["epoch"]
+
+
+def test_lr_sweep_uses_the_chosen_loss_with_mixing(tmp_path, monkeypatch):
+    # --model best mixes (cutmix); with a logit-adjusted loss the sweep must train with that
+    # loss too, not crash on a missing prior.
+    seen = []
+    real = trainer.batch_loss
+    monkeypatch.setattr(trainer, "batch_loss", lambda *a: seen.append(a[-1]) or real(*a))
+    args = args_for("--model", "best", "--loss", "logit-adjusted", "--lr-sweep", "0.01", "--sweep-steps", "2",
+                    "--batch-size", "8", "--figures", str(tmp_path))
+    images, labels = torch.rand(32, 3, 32, 32) * 2 - 1, torch.tensor([0] * 20 + [1] * 4 + [2] * 8)
+    trainer.lr_sweep(images, labels, args, torch.device("cpu"))
+    assert len(seen) == 2 and torch.allclose(seen[0], trainer.label_log_prior(labels))
+    assert (tmp_path / "lr_sweep.json").exists()
+
+
+def test_whitened_model_saves_and_loads_in_place_like_the_course_models(tmp_path):
+    net = WhitenedCNN()
+    net.init_whitening(torch.rand(64, 3, 32, 32) * 2 - 1)
+    net.save(tmp_path / "w.ckpt")
+    other = WhitenedCNN()
+    other.load(tmp_path / "w.ckpt")  # course style: into this model
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key
+
+
+def test_drw_start_after_the_last_epoch_is_refused():
+    with pytest.raises(SystemExit):
+        args_for("--drw-start", "61")
+    assert args_for("--drw-start", "60").drw_start == 60
