@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -277,8 +278,6 @@ def mix_batch(x, y, mode, alpha, generator):
     Returns (images, labels, partner labels, lam): the loss is lam * loss(labels) +
     (1 - lam) * loss(partner labels). Every draw comes from `generator`, so runs repeat.
     """
-    import random
-
     # torch.distributions cannot take a generator; Python's Beta sampler seeded from it can.
     lam = random.Random(int(torch.randint(2**62, (1,), generator=generator))).betavariate(alpha, alpha)
     partner = torch.randperm(len(x), generator=generator).to(x.device)
@@ -345,8 +344,7 @@ def validation_split(labels, fraction, seed):
     Each class (by given label) gives round(fraction * its count) images, at least one when
     fraction > 0. It depends only on (labels, fraction, seed), so a resumed run gets the same split.
     """
-    generator = torch.Generator().manual_seed(
-        int.from_bytes(hashlib.sha256(repr((seed, "validation")).encode()).digest()[:7], "little"))
+    generator = torch.Generator().manual_seed(derived_seed(seed, "validation"))
     held = []
     for c in range(len(CLASSES)):
         members = (labels == c).nonzero().flatten()
@@ -369,17 +367,12 @@ def new_model(args, images, device, salt):
 
 def train_epoch(model, optimizer, scheduler, images, labels, args, epoch, generator, device, average=None):
     """One epoch (numbered from 1) with the treatments: DRW's sampler, the loss's prior, EMA."""
-    sampler = epoch_sampler(args, epoch)
-    steps = [scheduler.last_epoch]
-
-    def after_step():
-        steps[0] += 1
+    def after_step():  # the scheduler has counted the step just taken
         if average is not None:
-            update_average(average, model, ema_decay(args, steps[0]))
+            update_average(average, model, ema_decay(args, scheduler.last_epoch))
 
-    log_prior = None if args.loss == "ce" else label_log_prior(labels)
-    return run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, sampler=sampler,
-                     log_prior=log_prior, after_step=after_step)
+    return run_epoch(model, optimizer, scheduler, images, labels, args, generator, device,
+                     sampler=epoch_sampler(args, epoch), after_step=after_step)
 
 
 # ---------------------------------------------------------------------------
@@ -491,17 +484,17 @@ def catastrophic_overfitting(history):
 
 
 def run_epoch(model, optimizer, scheduler, images, labels, args, generator, device, max_steps=None, losses=None,
-              sampler=None, log_prior=None, after_step=None):
+              sampler=None, after_step=None):
     """One pass of len(labels) sampled, augmented images; returns the loss of every step
     (appended to `losses` when given, so a caller keeps them if the epoch fails).
 
-    sampler overrides args.sampler (deferred re-balancing), log_prior is the prior of the
-    logit-adjusted losses, after_step() runs after every optimizer step (weight averaging).
+    sampler overrides args.sampler (deferred re-balancing); after_step() runs after every
+    optimizer step (weight averaging). The logit-adjusted losses use the prior of `labels`.
     Raises FloatingPointError when the loss stops being finite.
     """
     model.train()
     order = epoch_indices(labels, args.sampler if sampler is None else sampler, generator)
-    mix = getattr(args, "mix", "none")
+    log_prior = None if args.loss == "ce" else label_log_prior(labels)
     if max_steps is not None:
         order = order[: max_steps * args.batch_size]
     losses = [] if losses is None else losses
@@ -516,12 +509,9 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
         for b in range(0, len(idx), args.batch_size):
             x, y = x_chunk[b : b + args.batch_size], y_chunk[b : b + args.batch_size]
             x = adversarial_batch(model, x, y, args, generator)  # attack first: mixing then mixes attacked images
-            if mix == "none" and log_prior is None:
-                loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
-            else:
-                x, y, y_partner, lam = (mix_batch(x, y, mix, args.mix_alpha, generator) if mix != "none"
-                                        else (x, y, y, 1.0))
-                loss = batch_loss(model(x), y, y_partner, lam, args, log_prior)
+            x, y, y_partner, lam = (mix_batch(x, y, args.mix, args.mix_alpha, generator) if args.mix != "none"
+                                    else (x, y, y, 1.0))
+            loss = batch_loss(model(x), y, y_partner, lam, args, log_prior)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -535,11 +525,15 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
     return losses
 
 
+def derived_seed(seed, *salt):
+    # Python's hash() of strings changes between processes; a digest does not.
+    return int.from_bytes(hashlib.sha256(repr((seed, *salt)).encode()).digest()[:7], "little")
+
+
 def seeded(seed, *salt):
     """A generator derived from (seed, salt): each epoch's randomness depends on nothing else,
     so a resumed run draws exactly what the uninterrupted run would have drawn."""
-    # Python's hash() of strings changes between processes; a digest does not.
-    value = int.from_bytes(hashlib.sha256(repr((seed, *salt)).encode()).digest()[:7], "little")
+    value = derived_seed(seed, *salt)
     torch.manual_seed(value)  # dropout draws from the global generator
     return torch.Generator().manual_seed(value)
 
@@ -571,9 +565,8 @@ def out_of_fold_probabilities(images, labels, args, device):
     # is: k of them must fit in the time budget. No deferred re-balancing: the folds are short.
     # They train plainly even when the final model trains adversarially: they only rank labels.
     recipe = {key: value for key, value in REPAIR_RECIPES[args.repair_model].items() if key != "repair_epochs"}
-    model = "simple" if args.repair_model == "simple" else "best"
-    fold_args = argparse.Namespace(**{**vars(args), "arch": model, **TREATMENT_DEFAULTS, **recipe, "model": model,
-                                      "drw_start": 0, "adversarial": "none"})
+    fold_args = argparse.Namespace(**{**vars(args), "arch": args.repair_model, **TREATMENT_DEFAULTS, **recipe,
+                                      "model": args.repair_model, "adversarial": "none"})
     for k, (train_idx, held_idx) in enumerate(folds.split(labels.numpy(), labels.numpy())):
         train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
         try:
@@ -752,8 +745,7 @@ def lr_sweep(images, labels, args, device):
             while len(losses) < args.sweep_steps and diverged is None:
                 try:
                     run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, device,
-                              max_steps=args.sweep_steps - len(losses), losses=losses,
-                              log_prior=None if args.loss == "ce" else label_log_prior(labels))
+                              max_steps=args.sweep_steps - len(losses), losses=losses)
                 except FloatingPointError:
                     diverged = f"loss became NaN or infinite at step {len(losses) + 1}"
                 bar.n = len(losses)
@@ -820,9 +812,8 @@ def resume_path(out):
 
 RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
             "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
-            "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval")
-# Settings added with the imbalance treatments; a resumed run must match these too.
-RUN_KEYS += ("arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model")
+            "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval",
+            "arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model")
 
 
 def data_fingerprint(images, labels):
@@ -978,16 +969,14 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                            + ("Use --adversarial fgsm-rs or pgd" if args.adversarial == "fgsm" else
                               "Use --adversarial pgd or a smaller --adv-step-size") + " or --adv-epsilon",
                            file=sys.stderr)
-            # Checkpoint selection looks at the validation split only, never at dev.
-            if args.select == "best-val" and (best is None or val["balanced_accuracy"] > best["score"]):
-                best = {"epoch": epoch, "score": val["balanced_accuracy"],
-                        "state": {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}}
-            keep_model = scored
-            if best is not None:
-                keep_model = copy.deepcopy(scored)
-                keep_model.load_state_dict(best["state"])
+            # Checkpoint selection looks at the validation split only, never at dev. With best-val
+            # the checkpoint is rewritten only when the epoch beats the kept one.
+            improved = args.select == "best-val" and (best is None or val["balanced_accuracy"] > best["score"])
+            if improved:
+                best = {"epoch": epoch, "score": val["balanced_accuracy"]}
             # The checkpoint first, then the resume state: a kill between them loses nothing.
-            save_checkpoint(keep_model, args.out)
+            if args.select == "last" or improved:
+                save_checkpoint(scored, args.out)
             snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                         "labels": all_labels, "keep": keep, "config": config, "data_sha256": fingerprint,
