@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer  # noqa: E402
 from cli import run_main  # noqa: E402
 from dataset import TRAIN_PATH, ensure_data, load_pickle, to_unit  # noqa: E402
-from models import build_model  # noqa: E402
 
 
 class PilDataset(Dataset):
@@ -54,16 +53,21 @@ def train_step(model, optimizer, x, y):
     optimizer.step()
 
 
-def fresh(args):
-    torch.manual_seed(0)
-    model = build_model("simple")
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+def trainer_args(args):
+    return trainer.parse_args(["--batch-size", str(args.batch_size), "--schedule", "constant"])
+
+
+def fresh(images, args):
+    """SimpleModel, optimizer and schedule exactly as the trainer builds them (channels-last
+    layout, fused Adam), so that the three pipelines differ only in how batches are made."""
+    model = trainer.new_model(trainer_args(args), images, "cpu", "bench")
+    optimizer, scheduler = trainer.make_optimizer(model, trainer_args(args), 10**6)
+    return model, optimizer, scheduler
 
 
 def bench_trainer(images, labels, args):
-    run_args = trainer.parse_args(["--batch-size", str(args.batch_size), "--schedule", "constant"])
-    model, optimizer = fresh(args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run_args = trainer_args(args)
+    model, optimizer, scheduler = fresh(images, args)
     generator = torch.Generator().manual_seed(0)
     trainer.run_epoch(model, optimizer, scheduler, images, labels, run_args, generator, "cpu", max_steps=20)
     start = time.perf_counter()
@@ -73,7 +77,7 @@ def bench_trainer(images, labels, args):
 
 
 def bench_naive(images, labels, args):
-    model, optimizer = fresh(args)
+    model, optimizer, _ = fresh(images, args)
     model.train()
     sampler = WeightedRandomSampler(trainer.balanced_weights(labels), (args.steps + 20) * args.batch_size,
                                     replacement=True)
@@ -89,7 +93,7 @@ def bench_naive(images, labels, args):
 
 
 def bench_compute(images, labels, args):
-    model, optimizer = fresh(args)
+    model, optimizer, _ = fresh(images, args)
     model.train()
     n = args.steps * args.batch_size
     order = torch.arange(n) % len(labels)  # as many real images as the other pipelines see
