@@ -131,8 +131,8 @@ def train(small_data, tmp_path, name, *flags, epochs=8):
 @pytest.fixture(scope="module")
 def standard_and_robust(small_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
-    standard, _ = train(small_data, tmp, "standard")
-    robust, log = train(small_data, tmp, "fgsm_rs", "--adversarial", "fgsm-rs", "--robust-eval", "64")
+    standard, _ = train(small_data, tmp, "standard", epochs=12)
+    robust, log = train(small_data, tmp, "fgsm_rs", "--adversarial", "fgsm-rs", "--robust-eval", "64", epochs=12)
     return standard, robust, log, tmp
 
 
@@ -149,10 +149,15 @@ def robust_accuracy(ckpt, x, y, epsilon):
 def test_fgsm_rs_training_raises_robust_accuracy(standard_and_robust, small_data):
     standard, robust, log, tmp = standard_and_robust
     x, y = load_pickle(small_data / "dev.pickle")
-    # Eight epochs on 560 images: both models are weak, but the adversarially trained one keeps
-    # clearly more of what it gets right (measured: 76% against 64% at 8/255; 46% against 31% at 16/255).
-    assert robust_accuracy(robust, x, y, EPS)[0] > robust_accuracy(standard, x, y, EPS)[0] + 0.08
-    assert robust_accuracy(robust, x, y, 2 * EPS)[1] > robust_accuracy(standard, x, y, 2 * EPS)[1] + 0.05
+    # Twelve epochs on 560 images: both models are weak, and at 8/255 the gap depends on the seed
+    # (share of correct images surviving PGD: 72% against 68% with seed 0, 84% against 56% with
+    # seed 1). At 16/255 the adversarially trained one keeps clearly more with either seed
+    # (47% against 31%, 53% against 15%; balanced accuracy under attack 0.32 against 0.20 and
+    # 0.34 against 0.08).
+    assert robust_accuracy(robust, x, y, EPS)[0] >= robust_accuracy(standard, x, y, EPS)[0]
+    survived, balanced = robust_accuracy(robust, x, y, 2 * EPS)
+    survived_standard, balanced_standard = robust_accuracy(standard, x, y, 2 * EPS)
+    assert survived > survived_standard + 0.08 and balanced > balanced_standard + 0.05
     # The run reported clean and robust accuracy every epoch and recorded its settings.
     assert log.stderr.count("pgd ") >= 8
     record = json.loads((tmp / "fgsm_rs" / "training.json").read_text())
