@@ -37,6 +37,8 @@ CONFIGS = {
     "la": (["--loss", "logit-adjusted", "--tau", "0.5"], "default + logit-adjusted loss, tau 0.5, beside the sampler"),
     "la-no-sampler": (["--sampler", "none", "--loss", "logit-adjusted", "--tau", "1"],
                       "default with logit adjustment (tau 1) instead of the sampler"),
+    "sqrt-la": (["--sampler", "sqrt", "--loss", "logit-adjusted", "--tau", "0.5"],
+                "default with the sqrt-count sampler + logit adjustment tau 0.5 (balanced in expectation)"),
     "drw": (["--drw-start", "46"], "default + deferred re-balancing: plain shuffling for epochs 1-45"),
     "mixup": (["--mix", "mixup"], "default + mixup"),
     "cutmix": (["--mix", "cutmix"], "default + cutmix"),
@@ -47,6 +49,11 @@ CONFIGS = {
     "best-ema": (["--model", "best", "--ema", "0.99"], "--model best + EMA 0.99"),
     "best-la": (["--model", "best", "--loss", "logit-adjusted", "--tau", "0.5"],
                 "--model best + logit-adjusted loss, tau 0.5"),
+    "best-sqrt-la": (["--model", "best", "--sampler", "sqrt", "--loss", "logit-adjusted", "--tau", "0.5"],
+                     "--model best with the sqrt-count sampler + logit adjustment tau 0.5"),
+    "best-la-no-sampler": (["--model", "best", "--sampler", "none", "--loss", "logit-adjusted", "--tau", "1"],
+                           "--model best with logit adjustment (tau 1) instead of the sampler"),
+    "best-25-epochs": (["--model", "best", "--epochs", "25"], "--model best trained 25 epochs instead of 15"),
 }
 
 
