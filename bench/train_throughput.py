@@ -60,8 +60,9 @@ def trainer_args(args):
 def fresh(images, args):
     """SimpleModel, optimizer and schedule exactly as the trainer builds them (channels-last
     layout, fused Adam), so that the three pipelines differ only in how batches are made."""
-    model = trainer.new_model(trainer_args(args), images, "cpu", "bench")
-    optimizer, scheduler = trainer.make_optimizer(model, trainer_args(args), 10**6)
+    run_args = trainer_args(args)
+    model = trainer.new_model(run_args, images, "cpu", "bench")
+    optimizer, scheduler = trainer.make_optimizer(model, run_args, 10**6)  # constant schedule: any length
     return model, optimizer, scheduler
 
 
