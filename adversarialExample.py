@@ -16,6 +16,7 @@ every run fails.
 Epsilon is on the [0, 1] pixel scale (8/255 is about 0.031; fractions are accepted). The
 model sees images normalized to [-1, 1] as (x - 0.5) / 0.5, so there the step is
 2 * eps * sign(grad), and every distorted image is clamped to [-1, 1]: it is still a real image.
+The attacks themselves are in attacks.py, shared with adversarial training.
 
 Only images the model classifies correctly are attacked. Accuracy is reported as
   attacked set: share of the attacked images still classified correctly (100% at eps 0);
@@ -35,7 +36,6 @@ Writes to --out (default figures/):
   adversarial.json               all numbers, including "what did it flip to" counts
   compare_accuracy.png, compare.json   with --compare: a curve per model and attack
 """
-import contextlib
 import functools
 import json
 import sys
@@ -43,172 +43,33 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from attacks import (
+    EPS_SCALE, attack_direction, attack_predictions, attack_success, eps_text, fgsm_perturb, pgd_perturb,
+    transfer_attack,
+)
 from cli import (
-    ArgumentParser, UserError, atomic_write, check_output_dir, float_in, int_in, pick_device,
-    positive_int, run_main, seed_type,
+    ArgumentParser, UserError, atomic_write, check_output_dir, float_in, int_in, pick_device, positive_int, pyplot,
+    run_main, save_figure, save_image, seed_type,
 )
-from dataset import (
-    CLASSES, DEV_PATH, from_unit, load_labeled_data, printable_path, pyplot, save_figure, to_unit, warn_skipped,
-)
-from models import load_model, predict_proba
+from dataset import CLASSES, DEV_PATH, load_labeled_data
+from images import printable_path, to_unit, warn_skipped
+from metrics import balanced_accuracy
+from models import load_model, model_mode, predict
 
 DEFAULT_CHECKPOINT = "checkpoints/trained.ckpt"
 DEFAULT_EPSILONS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3)
-# How far one pixel-scale unit reaches in the model's normalized space (2.0 for (x - 0.5) / 0.5):
-# taken from dataset.from_unit so the two can never disagree.
-EPS_SCALE = float(from_unit(torch.tensor(1.0)) - from_unit(torch.tensor(0.0)))
-
-
-def eps_text(epsilon):
-    """8/255 rather than 0.0313725: attack strengths are usually counted in pixel levels."""
-    levels = epsilon * 255
-    if 0 < epsilon < 0.1 and abs(levels - round(levels)) < 1e-6:
-        return f"{round(levels)}/255"
-    return f"{epsilon:g}"
 
 
 # ---------------------------------------------------------------------------
-# Attacks (batched: one forward/backward pass per batch and step)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout off while attacking; the caller's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _fast_layout(images):
-    # On CPU, oneDNN runs these convolutions (above all the input gradient of the 3-channel
-    # first layer) 20-40% faster on channels-last batches; values are unchanged.
-    if images.device.type == "cpu" and images.dim() == 4:
-        return images.detach().contiguous(memory_format=torch.channels_last)
-    return images.detach()
-
-
-def _label_tensor(labels, like):
-    if isinstance(labels, torch.Tensor):
-        return labels.to(like.device)
-    return torch.full((len(like),), int(labels), dtype=torch.long, device=like.device)
-
-
-def input_gradient(model, images, labels):
-    """d loss / d images for a whole batch, without touching the parameters' .grad."""
-    with torch.enable_grad():
-        x = images.detach().requires_grad_(True)
-        # Summed, not averaged: each image's gradient is then independent of the batch size
-        # (a mean would shrink it by 1/N and could underflow to 0, and sign(0) = 0).
-        loss = F.cross_entropy(model(x), _label_tensor(labels, x), reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
-    return grad
-
-
-def attack_direction(model, images, labels, target=None):
-    """The FGSM noise: sign of the loss gradient, or its opposite toward a target class."""
-    if target is None:
-        return input_gradient(model, images, labels).sign()
-    # Targeted: walk *down* the loss of the target label rather than up the loss of the true one.
-    return -input_gradient(model, images, target).sign()
-
-
-def fgsm_perturb(model, images, labels, epsilon, target=None):
-    """FGSM on normalized images [N, 3, 32, 32]: clamp(x + 2*eps*sign(grad), -1, 1).
-
-    epsilon is on the [0, 1] pixel scale; target (class id or [N] tensor) makes it targeted,
-    in which case labels are not used.
-    """
-    images = _fast_layout(images)
-    with eval_mode(model):
-        direction = attack_direction(model, images, labels, target)
-    return (images + EPS_SCALE * epsilon * direction).clamp(-1, 1)
-
-
-def pgd_perturb(model, images, labels, epsilon, steps=10, step_size=None, random_start=False, target=None,
-                generator=None):
-    """PGD: `steps` FGSM steps of step_size (default eps/4, pixel scale), each projected back
-    onto the eps-ball around the images and into [-1, 1]. random_start begins at a uniform
-    random point of the ball (seeded by generator, a CPU torch.Generator)."""
-    images = _fast_layout(images)
-    radius = EPS_SCALE * epsilon
-    step = EPS_SCALE * (epsilon / 4 if step_size is None else step_size)
-    low, high = images - radius, images + radius
-    adv = images.clone()
-    if radius == 0:  # the eps-ball is a point: nothing to search
-        return adv
-    if random_start:
-        noise = torch.rand(images.shape, generator=generator, dtype=images.dtype).to(images.device)
-        adv = (adv + (2 * noise - 1) * radius).clamp(-1, 1)
-    with eval_mode(model):
-        for _ in range(steps):
-            adv = adv + step * attack_direction(model, adv, labels, target)
-            adv = torch.clamp(adv, low, high).clamp(-1, 1)
-    return adv
-
-
-@torch.no_grad()
-def _classify(model, images):
-    return model(images).softmax(1)
-
-
-def attack_success(pred, labels, target=None):
-    """Which attacked images the attack broke: misclassified, or (targeted) classified as target."""
-    return pred != labels if target is None else pred == target
-
-
-def attack_predictions(model, attack, images, labels, epsilon, batch_size, device, target=None, restarts=1):
-    """Predicted classes [N] (CPU) of the attacked images, attacked batch by batch on device.
-
-    With restarts > 1 the attack runs again on the images it has not broken yet, and each
-    image keeps a successful result if any run found one: the worst case per image.
-    """
-    preds = []
-    with eval_mode(model):
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(device)
-            y = labels[start : start + batch_size].to(device)
-            pred = _classify(model, attack(model, x, y, epsilon, target=target)).argmax(1)
-            for _ in range(restarts - 1):
-                still = ~attack_success(pred, y, target)
-                if not still.any():
-                    break
-                pred[still] = _classify(model, attack(model, x[still], y[still], epsilon, target=target)).argmax(1)
-            preds.append(pred.cpu())
-    return torch.cat(preds)
-
-
-def transfer_attack(source, attack):
-    """An attack crafted on another model (black-box transfer): source's gradients, scored on the target.
-
-    A standard model's adversarial images fooling a defended model more often than that
-    model's own gradients do is the classic sign of a masked gradient.
-    """
-    def perturb(model, images, labels, epsilon, target=None):
-        return attack(source, images, labels, epsilon, target=target)
-
-    return perturb
-
-
-# ---------------------------------------------------------------------------
-# Evaluation
+# The ε study: attack every correctly classified image at each ε
 
 
 def flip_counts(true, pred):
     """{true class: {predicted class: count}} over the attacked images."""
     return {CLASSES[t]: {CLASSES[p]: int(((true == t) & (pred == p)).sum()) for p in range(len(CLASSES))}
             for t in range(len(CLASSES))}
-
-
-def balanced(correct, labels):
-    """Mean over the classes present of the share of their images marked correct."""
-    shares = [correct[labels == c].float().mean() for c in range(len(CLASSES)) if (labels == c).any()]
-    return float(sum(shares) / len(shares))
 
 
 def evaluate(model, attacks, images, labels, epsilons, batch_size, device, target=None, progress=True):
@@ -222,7 +83,7 @@ def evaluate(model, attacks, images, labels, epsilons, batch_size, device, targe
     Returns (summary, adv_preds); adv_preds[name][eps] holds the attacked images' predicted classes.
     """
     attacks = {name: a if isinstance(a, tuple) else (a, 1) for name, a in attacks.items()}
-    clean_pred = predict_proba(model, images, device, batch_size).argmax(1)
+    clean_pred = predict(model, images, device, batch_size)
     correct = clean_pred == labels
     attacked = correct if target is None else correct & (labels != target)
     if not attacked.any():
@@ -235,7 +96,7 @@ def evaluate(model, attacks, images, labels, epsilons, batch_size, device, targe
         "clean_correct": int(correct.sum()),
         # A ratio of counts, computed as accuracy_dev is, so that eps 0 matches it exactly.
         "clean_accuracy": int(correct.sum()) / len(labels),
-        "clean_balanced_accuracy": balanced(correct, labels),
+        "clean_balanced_accuracy": balanced_accuracy(labels, correct),
         "attacked_images": len(idx),
         "attacked_index": idx.tolist(),
         "results": {},
@@ -278,67 +139,44 @@ def _robust_row(broken, correct, idx, labels):
     robust[idx] = ~broken
     return {"accuracy_attacked": float((~broken).float().mean()),
             "accuracy_dev": int(robust.sum()) / len(labels),
-            "balanced_dev": balanced(robust, labels)}
+            "balanced_dev": balanced_accuracy(labels, robust)}
 
 
-LARGE_EPSILON = 0.25  # at this ε (64/255) a working attack leaves almost no image correct
-TOLERANCE = 0.01  # one point: smaller differences are noise of the random starts
-
-
-def masking_checks(summary, titles):
-    """(problems, checks passed) about the attack's gradients, as sentences.
-
-    A masked or obfuscated gradient makes a model look robust because the attack cannot
-    find the way, not because there is none. Signs of it: the iterative attack doing no
-    better than the single step, accuracy that rises with ε (before the sweep's running
-    minimum hides it), accuracy that stays up at an ε where every image should fall, and
-    an attack crafted on another model beating the white-box one.
-    """
-    results, problems, passed = summary["results"], [], []
-    eps = [r["epsilon"] for r in results["fgsm"]]
-    if "pgd" in results:
-        weaker = [e for e, f, p in zip(eps, results["fgsm"], results["pgd"])
-                  if p["accuracy_attacked_this_epsilon"] > f["accuracy_attacked_this_epsilon"] + TOLERANCE]
-        if weaker:
-            problems.append(f"{titles['pgd']} is weaker than FGSM at ε = {', '.join(map(eps_text, weaker))}")
-        else:
-            passed.append(f"{titles['pgd']} at least as strong as FGSM at every ε")
-    for name in (n for n in ("fgsm", "pgd") if n in results):
-        raw = [r["accuracy_attacked_this_epsilon"] for r in results[name]]
-        rises = [(eps[i], eps[i + 1]) for i in range(len(raw) - 1) if raw[i + 1] > raw[i] + TOLERANCE]
-        if rises:
-            a, b = rises[0]
-            problems.append(f"{titles[name]} leaves more images correct at ε = {eps_text(b)} than at ε = {eps_text(a)}")
-    # The model's own gradients must break (almost) every image at a large ε: the transfer
-    # attack does not count here, it is the check below.
-    large = [i for i, e in enumerate(eps) if e >= LARGE_EPSILON]
-    if large:
-        i = large[-1]
-        left = min(results[n][i]["accuracy_attacked"] for n in ("fgsm", "pgd") if n in results)
-        if left > 0.10:
-            problems.append(f"{left:.1%} of the attacked images survive ε = {eps_text(eps[i])}, where a "
-                            "working attack leaves almost none")
-        else:
-            passed.append(f"{left:.1%} left at ε = {eps_text(eps[i])}")
+def print_tables(summary, target=None, titles=None):
+    names = list(summary["results"])
+    titles = {n: (titles or {}).get(n, n.upper()) for n in names}
+    n, k, m = summary["dev_images"], summary["clean_correct"], summary["attacked_images"]
+    print(f"Clean: {k}/{n} dev images correct ({k / n:.1%}, balanced {summary['clean_balanced_accuracy']:.1%}); "
+          f"attacking {m} of them" + (f" (those whose true class is not {CLASSES[target]})" if target is not None
+                                      else ""))
+    if target is None:
+        print("An image counts as robust at ε only if the attack failed at ε and at every smaller ε of the sweep.")
+        print(f"{'ε (pixel)':>9} | {'attack':<22} | {'attacked set':>12} | {'dev set':>7} | {'dev balanced':>12}")
+        for i, eps in enumerate(summary["results"][names[0]]):
+            for name in names:
+                r = summary["results"][name][i]
+                print(f"{eps_text(r['epsilon']):>9} | {titles[name]:<22} | {r['accuracy_attacked']:>12.1%} | "
+                      f"{r['accuracy_dev']:>7.1%} | {r['balanced_dev']:>12.1%}")
     else:
-        passed.append(f"(no ε ≥ {LARGE_EPSILON:g} in the sweep, so the large-ε check did not run)")
-    if "transfer" in results:
-        white = [min(results[n][i]["accuracy_attacked_this_epsilon"] for n in ("fgsm", "pgd") if n in results)
-                 for i in range(len(eps))]
-        beaten = [e for e, w, t in zip(eps, white, results["transfer"])
-                  if t["accuracy_attacked_this_epsilon"] < w - TOLERANCE]
-        if beaten:
-            problems.append("the transfer attack beats the white-box attack at ε = " + ", ".join(map(eps_text, beaten)))
-        else:
-            passed.append("the transfer attack is no stronger than the white-box attack")
-    return problems, passed
+        print(f"{'ε (pixel)':>9} | {'attack':<22} | {'attacked set':>12} | {'dev set':>7} | "
+              f"{'→ ' + CLASSES[target]:>8}")
+        for i, _ in enumerate(summary["results"][names[0]]):
+            for name in names:
+                r = summary["results"][name][i]
+                print(f"{eps_text(r['epsilon']):>9} | {titles[name]:<22} | {r['accuracy_attacked']:>12.1%} | "
+                      f"{r['accuracy_dev']:>7.1%} | {r['target_success']:>8.1%}")
+    pairs = [(t, p) for t in CLASSES for p in CLASSES if t != p]
+    heads = [f"{t}→{p}" for t, p in pairs]
+    for name in (n for n in names if n != "worst"):
+        print(f"\n{titles[name]}: what the attacked images flipped to at each ε (true→predicted counts)")
+        print("ε (pixel) | " + " | ".join(heads))
+        for r in summary["results"][name]:
+            counts = (f"{r['flips'][t][p]:>{len(h)}}" for (t, p), h in zip(pairs, heads))
+            print(f"{eps_text(r['epsilon']):>9} | " + " | ".join(counts))
 
 
-def sanity_line(summary, titles):
-    problems, passed = masking_checks(summary, titles)
-    if problems:
-        return "sanity: WARNING, possible gradient masking (do not trust these robust numbers): " + "; ".join(problems)
-    return "sanity: no sign of gradient masking: " + "; ".join(passed)
+# ---------------------------------------------------------------------------
+# Figure 5: original + ε × noise = distorted, and accuracy against ε
 
 
 def choose_examples(true, fooled, count, generator):
@@ -358,14 +196,38 @@ def choose_examples(true, fooled, count, generator):
     return chosen
 
 
-# ---------------------------------------------------------------------------
-# Figures
-
-
-
-def _save_png(path, array, **kwargs):
-    plt = pyplot()
-    atomic_write(path, lambda f: plt.imsave(f, array, format="png", **kwargs))
+def draw_examples(model, attacks, titles, summary, adv_preds, images, labels, args, device, target, out):
+    """Figure 5: --examples images, chosen among those the shown attack fools at --example-epsilon where
+    possible, each as original + eps * noise = distorted; returns their JSON records."""
+    shown, show_eps = args.attack, args.example_epsilon
+    attack = attacks[shown][0]
+    attacked_index = torch.tensor(summary["attacked_index"], dtype=torch.long)
+    x_att, y_att = images[attacked_index], labels[attacked_index]
+    pred = adv_preds[shown].get(show_eps)
+    if pred is None:
+        pred = attack_predictions(model, attack, x_att, y_att, show_eps, args.batch_size, device, target)
+    fooled = attack_success(pred, y_att, target)
+    picks = choose_examples(y_att, fooled, args.examples, torch.Generator().manual_seed(args.seed))
+    examples = []
+    if picks:
+        x, y = x_att[picks].to(device), y_att[picks].to(device)
+        distorted = attack(model, x, y, show_eps, target=target)
+        if shown == "fgsm":
+            with model_mode(model, training=False):
+                noise = attack_direction(model, x, y, target)
+        else:  # PGD's noise is what it added, rescaled to [-1, 1]; the ε-ball bounds it
+            noise = (distorted - x) / (EPS_SCALE * show_eps) if show_eps > 0 else torch.zeros_like(x)
+        probs = [predict(model, z, device, len(z), probabilities=True) for z in (x, noise, distorted)]
+        for k, i in enumerate(picks):
+            examples.append({
+                "dev_index": int(attacked_index[i]), "true": CLASSES[int(y_att[i])],
+                "original": x[k].cpu(), "noise": noise[k].cpu(), "distorted": distorted[k].cpu(),
+                "probs": [p[k] for p in probs],
+            })
+    label = titles[shown]
+    if target is not None:
+        label += f" → {CLASSES[target]}"
+    return save_examples(out / "adversarial", examples, show_eps, label, target)
 
 
 def _rgb(image):
@@ -415,9 +277,9 @@ def save_examples(out_dir, examples, epsilon, attack_label, target=None):
     for k, ex in enumerate(examples):
         stem = out_dir / f"example{k}_{ex['true']}"
         files = {part: f"{stem}_{part}.png" for part in ("original", "noise", "distorted", "panel")}
-        _save_png(files["original"], _rgb(ex["original"]))
-        _save_png(files["noise"], _grey(ex["noise"]), cmap="gray", vmin=-1, vmax=1)
-        _save_png(files["distorted"], _rgb(ex["distorted"]))
+        save_image(_rgb(ex["original"]), files["original"])
+        save_image(_grey(ex["noise"]), files["noise"], cmap="gray", vmin=-1, vmax=1)
+        save_image(_rgb(ex["distorted"]), files["distorted"])
 
         # Operators get axes of their own between the images, so the panel reads as an equation.
         fig, axes = plt.subplots(1, 5, figsize=(7.6, 2.9), gridspec_kw={"width_ratios": [1, 0.42, 1, 0.22, 1]})
@@ -481,6 +343,84 @@ def plot_accuracy(summary, path, target=None, titles=None):
     save_figure(fig, path)
 
 
+# ---------------------------------------------------------------------------
+# Robustness checks: gradient masking, and several models compared
+
+
+LARGE_EPSILON = 0.25  # at this ε (64/255) a working attack leaves almost no image correct
+TOLERANCE = 0.01  # one point: smaller differences are noise of the random starts
+
+
+def masking_checks(summary, titles):
+    """(problems, checks passed) about the attack's gradients, as sentences.
+
+    A masked or obfuscated gradient makes a model look robust because the attack cannot
+    find the way, not because there is none. Signs of it: the iterative attack doing no
+    better than the single step, accuracy that rises with ε (before the sweep's running
+    minimum hides it), accuracy that stays up at an ε where every image should fall, and
+    an attack crafted on another model beating the white-box one.
+    """
+    results, problems, passed = summary["results"], [], []
+    eps = [r["epsilon"] for r in results["fgsm"]]
+    if "pgd" in results:
+        weaker = [e for e, f, p in zip(eps, results["fgsm"], results["pgd"])
+                  if p["accuracy_attacked_this_epsilon"] > f["accuracy_attacked_this_epsilon"] + TOLERANCE]
+        if weaker:
+            problems.append(f"{titles['pgd']} is weaker than FGSM at ε = {', '.join(map(eps_text, weaker))}")
+        else:
+            passed.append(f"{titles['pgd']} at least as strong as FGSM at every ε")
+    for name in (n for n in ("fgsm", "pgd") if n in results):
+        raw = [r["accuracy_attacked_this_epsilon"] for r in results[name]]
+        rises = [(eps[i], eps[i + 1]) for i in range(len(raw) - 1) if raw[i + 1] > raw[i] + TOLERANCE]
+        if rises:
+            a, b = rises[0]
+            problems.append(f"{titles[name]} leaves more images correct at ε = {eps_text(b)} than at ε = {eps_text(a)}")
+    # The model's own gradients must break (almost) every image at a large ε: the transfer
+    # attack does not count here, it is the check below.
+    large = [i for i, e in enumerate(eps) if e >= LARGE_EPSILON]
+    if large:
+        i = large[-1]
+        left = min(results[n][i]["accuracy_attacked"] for n in ("fgsm", "pgd") if n in results)
+        if left > 0.10:
+            problems.append(f"{left:.1%} of the attacked images survive ε = {eps_text(eps[i])}, where a "
+                            "working attack leaves almost none")
+        else:
+            passed.append(f"{left:.1%} left at ε = {eps_text(eps[i])}")
+    else:
+        passed.append(f"(no ε ≥ {LARGE_EPSILON:g} in the sweep, so the large-ε check did not run)")
+    if "transfer" in results:
+        white = [min(results[n][i]["accuracy_attacked_this_epsilon"] for n in ("fgsm", "pgd") if n in results)
+                 for i in range(len(eps))]
+        beaten = [e for e, w, t in zip(eps, white, results["transfer"])
+                  if t["accuracy_attacked_this_epsilon"] < w - TOLERANCE]
+        if beaten:
+            problems.append("the transfer attack beats the white-box attack at ε = " + ", ".join(map(eps_text, beaten)))
+        else:
+            passed.append("the transfer attack is no stronger than the white-box attack")
+    return problems, passed
+
+
+def sanity_line(summary, titles):
+    problems, passed = masking_checks(summary, titles)
+    if problems:
+        return "sanity: WARNING, possible gradient masking (do not trust these robust numbers): " + "; ".join(problems)
+    return "sanity: no sign of gradient masking: " + "; ".join(passed)
+
+
+def print_compare(summaries, titles):
+    names = [n for n in next(iter(summaries.values()))["results"]]
+    print("Balanced dev accuracy under attack (worst case over ε' ≤ ε; ε = 0 is the clean model)")
+    header = f"{'ε (pixel)':>9}"
+    columns = [(m, n) for m in summaries for n in names]
+    heads = [f"{m}: {titles.get(n, n)}" for m, n in columns]
+    print(header + "".join(f" | {h}" for h in heads))
+    rows = len(summaries[columns[0][0]]["results"][names[0]])
+    for i in range(rows):
+        eps = summaries[columns[0][0]]["results"][names[0]][i]["epsilon"]
+        cells = (f"{summaries[m]['results'][n][i]['balanced_dev']:>{len(h)}.1%}" for (m, n), h in zip(columns, heads))
+        print(f"{eps_text(eps):>9}" + "".join(f" | {c}" for c in cells))
+
+
 def plot_compare(summaries, path, titles):
     """One figure: balanced dev accuracy under each attack against ε, a colour per checkpoint."""
     plt = pyplot()
@@ -502,55 +442,26 @@ def plot_compare(summaries, path, titles):
     save_figure(fig, path)
 
 
-# ---------------------------------------------------------------------------
-# Reporting
-
-
-def print_tables(summary, target=None, titles=None):
-    names = list(summary["results"])
-    titles = {n: (titles or {}).get(n, n.upper()) for n in names}
-    n, k, m = summary["dev_images"], summary["clean_correct"], summary["attacked_images"]
-    print(f"Clean: {k}/{n} dev images correct ({k / n:.1%}, balanced {summary['clean_balanced_accuracy']:.1%}); "
-          f"attacking {m} of them" + (f" (those whose true class is not {CLASSES[target]})" if target is not None
-                                      else ""))
-    if target is None:
-        print("An image counts as robust at ε only if the attack failed at ε and at every smaller ε of the sweep.")
-        print(f"{'ε (pixel)':>9} | {'attack':<22} | {'attacked set':>12} | {'dev set':>7} | {'dev balanced':>12}")
-        for i, eps in enumerate(summary["results"][names[0]]):
-            for name in names:
-                r = summary["results"][name][i]
-                print(f"{eps_text(r['epsilon']):>9} | {titles[name]:<22} | {r['accuracy_attacked']:>12.1%} | "
-                      f"{r['accuracy_dev']:>7.1%} | {r['balanced_dev']:>12.1%}")
-    else:
-        print(f"{'ε (pixel)':>9} | {'attack':<22} | {'attacked set':>12} | {'dev set':>7} | "
-              f"{'→ ' + CLASSES[target]:>8}")
-        for i, _ in enumerate(summary["results"][names[0]]):
-            for name in names:
-                r = summary["results"][name][i]
-                print(f"{eps_text(r['epsilon']):>9} | {titles[name]:<22} | {r['accuracy_attacked']:>12.1%} | "
-                      f"{r['accuracy_dev']:>7.1%} | {r['target_success']:>8.1%}")
-    pairs = [(t, p) for t in CLASSES for p in CLASSES if t != p]
-    heads = [f"{t}→{p}" for t, p in pairs]
-    for name in (n for n in names if n != "worst"):
-        print(f"\n{titles[name]}: what the attacked images flipped to at each ε (true→predicted counts)")
-        print("ε (pixel) | " + " | ".join(heads))
-        for r in summary["results"][name]:
-            counts = (f"{r['flips'][t][p]:>{len(h)}}" for (t, p), h in zip(pairs, heads))
-            print(f"{eps_text(r['epsilon']):>9} | " + " | ".join(counts))
-
-
-def print_compare(summaries, titles):
-    names = [n for n in next(iter(summaries.values()))["results"]]
-    print("Balanced dev accuracy under attack (worst case over ε' ≤ ε; ε = 0 is the clean model)")
-    header = f"{'ε (pixel)':>9}"
-    columns = [(m, n) for m in summaries for n in names]
-    heads = [f"{m}: {titles.get(n, n)}" for m, n in columns]
-    print(header + "".join(f" | {h}" for h in heads))
-    rows = len(summaries[columns[0][0]]["results"][names[0]])
-    for i in range(rows):
-        eps = summaries[columns[0][0]]["results"][names[0]][i]["epsilon"]
-        cells = (f"{summaries[m]['results'][n][i]['balanced_dev']:>{len(h)}.1%}" for (m, n), h in zip(columns, heads))
-        print(f"{eps_text(eps):>9}" + "".join(f" | {c}" for c in cells))
+def compare(args, device, images, labels, out):
+    attacks, titles = make_attacks(args, device)
+    summaries = {}
+    for path in args.compare:
+        model = load_checkpoint_arg(path, device)
+        summary, _ = evaluate(model, attacks, images, labels, sorted(set(args.epsilons)), args.batch_size, device)
+        summary.pop("attacked_index")
+        name = Path(path).stem
+        if name in summaries:
+            name = str(path)
+        summaries[name] = summary
+        print(f"{name}: clean balanced {summary['clean_balanced_accuracy']:.1%}; {sanity_line(summary, titles)}")
+    print()
+    print_compare(summaries, titles)
+    plot_compare(summaries, out / "compare_accuracy.png", titles)
+    report = {"checkpoints": list(args.compare), "data": str(args.data), "titles": titles,
+              "definitions": report_definitions(None), "seed": args.seed,
+              "sanity": {name: sanity_line(s, titles) for name, s in summaries.items()}, "models": summaries}
+    atomic_write(out / "compare.json", lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    print(f"\nSaved {out / 'compare_accuracy.png'} and {out / 'compare.json'}")
 
 
 # ---------------------------------------------------------------------------
@@ -646,28 +557,6 @@ def report_definitions(target):
     }
 
 
-def compare(args, device, images, labels, out):
-    attacks, titles = make_attacks(args, device)
-    summaries = {}
-    for path in args.compare:
-        model = load_checkpoint_arg(path, device)
-        summary, _ = evaluate(model, attacks, images, labels, sorted(set(args.epsilons)), args.batch_size, device)
-        summary.pop("attacked_index")
-        name = Path(path).stem
-        if name in summaries:
-            name = str(path)
-        summaries[name] = summary
-        print(f"{name}: clean balanced {summary['clean_balanced_accuracy']:.1%}; {sanity_line(summary, titles)}")
-    print()
-    print_compare(summaries, titles)
-    plot_compare(summaries, out / "compare_accuracy.png", titles)
-    report = {"checkpoints": list(args.compare), "data": str(args.data), "titles": titles,
-              "definitions": report_definitions(None), "seed": args.seed,
-              "sanity": {name: sanity_line(s, titles) for name, s in summaries.items()}, "models": summaries}
-    atomic_write(out / "compare.json", lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
-    print(f"\nSaved {out / 'compare_accuracy.png'} and {out / 'compare.json'}")
-
-
 def main():
     args = parse_args()
     device = pick_device(args.device)
@@ -697,36 +586,7 @@ def main():
 
     plot_accuracy(summary, out / "fgsm_accuracy.png", target, titles)
 
-    # Examples: chosen among images the shown attack fools at --example-epsilon where possible.
-    shown, show_eps = args.attack, args.example_epsilon
-    attack = attacks[shown][0]
-    attacked_index = torch.tensor(summary["attacked_index"], dtype=torch.long)
-    x_att, y_att = images[attacked_index], labels[attacked_index]
-    pred = adv_preds[shown].get(show_eps)
-    if pred is None:
-        pred = attack_predictions(model, attack, x_att, y_att, show_eps, args.batch_size, device, target)
-    fooled = attack_success(pred, y_att, target)
-    picks = choose_examples(y_att, fooled, args.examples, torch.Generator().manual_seed(args.seed))
-    examples = []
-    if picks:
-        x, y = x_att[picks].to(device), y_att[picks].to(device)
-        distorted = attack(model, x, y, show_eps, target=target)
-        if shown == "fgsm":
-            with eval_mode(model):
-                noise = attack_direction(model, x, y, target)
-        else:  # PGD's noise is what it added, rescaled to [-1, 1]; the ε-ball bounds it
-            noise = (distorted - x) / (EPS_SCALE * show_eps) if show_eps > 0 else torch.zeros_like(x)
-        probs = [_classify(model, z).cpu() for z in (x, noise, distorted)]
-        for k, i in enumerate(picks):
-            examples.append({
-                "dev_index": int(attacked_index[i]), "true": CLASSES[int(y_att[i])],
-                "original": x[k].cpu(), "noise": noise[k].cpu(), "distorted": distorted[k].cpu(),
-                "probs": [p[k] for p in probs],
-            })
-    label = titles[shown]
-    if target is not None:
-        label += f" → {CLASSES[target]}"
-    records = save_examples(out / "adversarial", examples, show_eps, label, target)
+    records = draw_examples(model, attacks, titles, summary, adv_preds, images, labels, args, device, target, out)
     if files is not None:  # an image folder: name the photo behind each example
         for record in records:
             record["file"] = printable_path(files[record["dev_index"]])
@@ -748,7 +608,7 @@ def main():
         "seconds": round(seconds, 2),
         "sanity": sanity,
         **{k: v for k, v in summary.items() if k != "attacked_index"},
-        "example_epsilon": show_eps,
+        "example_epsilon": args.example_epsilon,
         "examples": records,
         "figures": {"accuracy": str(out / "fgsm_accuracy.png"),
                     "overview": str(out / "adversarial" / "overview.png") if records else None},

@@ -1,10 +1,10 @@
-"""Command-line plumbing shared by every script: one-line errors, validated flags, safe inputs and outputs.
+"""Command-line plumbing shared by every script: one-line errors, validated flags, devices, safe outputs, figures.
 
 A user's mistake (a bad path, a broken or hostile file, an out-of-range flag) ends with one
 line, `<script>: error: <what is wrong, where, what to do>`, and a non-zero exit status, never
-a traceback. Inputs are checked before they are opened (a FIFO or device would block a read
-forever), outputs before any work is done (a typo in --out should not surface after an hour
-of training), and results are written atomically so a crash never leaves half a file.
+a traceback. Outputs are checked before any work is done (a typo in --out should not surface
+after an hour of training), and results are written atomically so a crash never leaves half
+a file. Reading untrusted inputs is untrusted.py's job.
 """
 import argparse
 import contextlib
@@ -12,15 +12,9 @@ import fractions
 import math
 import os
 import re
-import stat
 import sys
 import tempfile
 from pathlib import Path
-
-# torch.load(weights_only=True) is the boundary every checkpoint crosses. It had published
-# bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
-# (memory corruption from crafted SETITEM opcodes or storage sizes, fixed in 2.10.0).
-MIN_SAFE_TORCH = (2, 10)
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn take seeds in [0, 2**32 - 1]
 
@@ -37,30 +31,13 @@ class Interrupted(UserError):
     exit_code = 130
 
 
-def torch_version_tuple(version):
-    """(major, minor) of a version string such as '2.14.1+cu128'."""
-    match = re.match(r"(\d+)\.(\d+)", str(version))
-    return (int(match[1]), int(match[2])) if match else (0, 0)
-
-
-def require_safe_torch():
-    """Refuse to run on a torch whose safe loader has known bypasses."""
-    import torch
-
-    if torch_version_tuple(torch.__version__) < MIN_SAFE_TORCH:
-        need = ".".join(map(str, MIN_SAFE_TORCH))
-        raise UserError(
-            f"torch {torch.__version__} is too old to load files safely (its weights_only loader has known "
-            f"bypasses: CVE-2025-32434, CVE-2026-24747); upgrade to torch >= {need}: "
-            "pip install -r requirements.txt"
-        )
-
-
 def run_main(main):
     """Run a script's main(): user mistakes become one 'error:' line and a non-zero exit status."""
+    from untrusted import require_safe_torch  # untrusted.py imports this module
+
     prog = Path(sys.argv[0]).name
     try:
-        require_safe_torch()
+        require_safe_torch()  # before any file is opened
         main()
     except UserError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
@@ -155,56 +132,6 @@ def pick_device(name=None):
             raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (0 to "
                             f"{torch.cuda.device_count() - 1})")
     return torch.device(name)
-
-
-# ---------------------------------------------------------------------------
-# Inputs
-
-
-def read_input_file(path, what, hint=""):
-    """The bytes of a regular file, or one UserError line saying why not.
-
-    Folders, FIFOs and devices are refused: reading a FIFO blocks until a writer appears,
-    and /dev/zero never ends. The type is checked on the opened descriptor (opened
-    non-blocking), so the file cannot be swapped for a FIFO between the check and the read.
-    """
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what} file{hint}") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a {what} file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot open {what} file ({e.strerror})") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise UserError(f"{path}: is a folder, expected a {what} file")
-        if not stat.S_ISREG(mode):
-            raise UserError(f"{path}: not a regular file (a pipe, socket or device), expected a {what} file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read {what} file ({e.strerror})") from None
-    finally:
-        os.close(fd)
-
-
-def check_input_file(path, what):
-    """Fail early, with one line, unless path is an existing regular file."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what} file") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot access {what} file ({e.strerror})") from None
-    if stat.S_ISDIR(mode):
-        raise UserError(f"{path}: is a folder, expected a {what} file")
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: not a regular file (a pipe, socket or device), expected a {what} file")
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -307,3 +234,29 @@ def exclusive_lock(path, flag):
             raise UserError(f"{flag} {path}: another run is writing it (lock {lock_path} is held); wait for it "
                             "to finish or choose another output") from None
         yield
+
+
+# ---------------------------------------------------------------------------
+# Figures: every script's PNGs go through here
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures render headless, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi=120):
+    """Write fig as a PNG atomically (creating the folder) and free it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    pyplot().close(fig)
+
+
+def save_image(array, path, **imshow_kwargs):
+    """Write an H x W (x 3) array as a PNG of exactly that size, atomically (matplotlib's imsave)."""
+    plt = pyplot()
+    atomic_write(path, lambda f: plt.imsave(f, array, format="png", **imshow_kwargs))

@@ -1,4 +1,8 @@
-"""The course's CNN (SimpleModel), a stronger residual CNN, and checkpoint I/O.
+"""The networks, their checkpoints, and prediction.
+
+    SimpleModel   the course's CNN
+    ResNet8       a small residual batch-norm CNN
+    WhitenedCNN   an airbench-style CNN with a frozen patch-whitening first layer
 
 SimpleModel checkpoints use the course format, {'model_state_dict': state_dict}, so
 course code can read them. Other architectures add an 'arch' key naming themselves;
@@ -6,23 +10,19 @@ load_model() reads either, and a bare state_dict too.
 
 The course's API works unchanged: `net = SimpleModel(); net.load(path)` loads the weights
 into net (and returns it), `net.save(path)` writes the course format. Every load goes
-through read_checkpoint(): torch's weights-only loader (zip checkpoints, after checking the
-archive cannot expand past its size and its checksums hold) or the project's own bounded
-reader (legacy checkpoints), then an architecture check and a check that every weight is
-finite, so a corrupted or diverged file is refused instead of scoring as a real model.
+through untrusted.read_checkpoint (no code runs, nothing runs away) and
+untrusted.check_state_dict (the architecture fits and every weight is finite), so a
+corrupted or diverged file is refused instead of scoring as a real model.
 """
+import contextlib
 import functools
-import io
-import pickle
-import warnings
-import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, atomic_write, read_input_file
-from dataset import Budget, UnsafeFile, rebuild_parameter, read_legacy_torch, tensor_globals
+from cli import UserError, atomic_write
+from untrusted import check_state_dict, read_checkpoint
 
 
 class _LoadMethod:
@@ -221,129 +221,9 @@ def _guess_arch(state):
     return next((name for name, cls in ARCHITECTURES.items() if set(cls().state_dict()) == set(state)), None)
 
 
-def _describe_mismatch(model, state):
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {list(state[k].shape)} != {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    parts = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
-        if keys:
-            shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-            parts.append(f"{label}: {shown}")
-    return "; ".join(parts)
-
-
-def _check_zip(data, path):
-    """A zip checkpoint may not expand past its own size, and its checksums must hold.
-
-    torch.save stores entries uncompressed; a compressed entry could inflate without bound
-    (a zip bomb), and a CRC mismatch means bytes changed after saving (corruption that would
-    otherwise load as garbage weights).
-    """
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            entries = archive.infolist()
-            compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
-            if compressed:
-                raise UserError(f"{path}: refused: compressed entries ({compressed[0]}); torch.save never "
-                                "compresses, and a compressed entry could expand without bound")
-            total = sum(e.file_size for e in entries)
-            if total > len(data):
-                raise UserError(f"{path}: refused: its entries claim {total:,} bytes but the file holds "
-                                f"{len(data):,}")
-            bad = archive.testzip()
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {e})") from None
-    if bad is not None:
-        raise UserError(f"{path}: corrupted: the checksum of {bad} does not match its data")
-
-
-def _torch_load(data, path):
-    """torch.load(weights_only=True) on a checked zip checkpoint, with torch's errors in one line."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the one-line error below already says what went wrong
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
-            raise UserError(f"{path}: refused: the file holds objects other than tensors, and loading them "
-                            "could run code; only weight checkpoints are accepted") from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle)") from None
-    except Exception as e:  # torch raises many types for corrupt files
-        first = " ".join(str(e).split())[:120] or type(e).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-
-
-def read_torch_file(path, what):
-    """The object in a torch.save() zip file, loaded weights-only within the zip checks above."""
-    data = read_input_file(path, what)
-    if data[:4] != b"PK\x03\x04":
-        raise UserError(f"{path}: not a {what} written by torch.save")
-    _check_zip(data, path)
-    return _torch_load(data, path)
-
-
-def read_checkpoint(path):
-    """(state_dict, arch or None) from a checkpoint file, loaded without running code from it.
-
-    Accepts the course format {'model_state_dict': state}, an 'arch'-tagged dict, or a bare
-    state_dict; zip (torch >= 1.6) or legacy serialization.
-    """
-    data = read_input_file(path, "checkpoint")
-    if data[:4] == b"PK\x03\x04":
-        _check_zip(data, path)
-        ckpt = _torch_load(data, path)
-    else:
-        try:
-            # What a legacy checkpoint may name: tensors, parameters, ordered dicts.
-            allowed = {**tensor_globals(Budget(len(data))), ("torch._utils", "rebuild_parameter"): rebuild_parameter}
-            ckpt = read_legacy_torch(data, allowed, "checkpoint")
-        except UnsafeFile as e:
-            if "serialization format" in str(e):
-                raise UserError(f"{path}: not a PyTorch checkpoint") from None
-            raise UserError(f"{path}: refused: {e}") from None
-        except Exception as e:  # broken bytes fail inside unpickling in many ways
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
-        state, arch = ckpt["model_state_dict"], ckpt.get("arch")
-    else:
-        state, arch = ckpt, None
-    if not isinstance(state, dict) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict of tensors")
-    if arch is not None and (not isinstance(arch, str) or arch not in ARCHITECTURES):
-        raise UserError(f"{path}: unknown architecture {str(arch)[:40]!r} (known: {', '.join(ARCHITECTURES)})")
-    return state, arch
-
-
-def check_state_dict(model, state, where):
-    """Refuse a state_dict that does not fit model or holds non-finite or wrongly typed values."""
-    mismatch = _describe_mismatch(model, state)
-    if mismatch:
-        raise UserError(f"{where}: not a {type(model).__name__} checkpoint: {mismatch}")
-    for key, expected in model.state_dict().items():
-        value = state[key]
-        if value.layout != torch.strided or value.is_meta or value.is_quantized:
-            raise UserError(f"{where}: tensor {key} is not a plain dense tensor ({value.layout}, {value.device})")
-        if expected.is_floating_point():
-            if not value.is_floating_point():
-                raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected floating point")
-            if not torch.isfinite(value).all():
-                raise UserError(f"{where}: tensor {key} holds NaN or infinite values: the checkpoint is corrupted "
-                                "or comes from a diverged run")
-        elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected {expected.dtype}")
-
-
 def load_weights(model, path):
     """Load the checkpoint at path into model (in place) and return model."""
-    state, arch = read_checkpoint(path)
+    state, arch = read_checkpoint(path, ARCHITECTURES)
     if arch is not None and arch != model.arch:
         raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r})")
     check_state_dict(model, state, path)
@@ -353,7 +233,7 @@ def load_weights(model, path):
 
 def load_model(path, map_location="cpu"):
     """The model in a checkpoint (course format, 'arch'-tagged, or a bare state_dict), in eval mode."""
-    state, arch = read_checkpoint(path)
+    state, arch = read_checkpoint(path, ARCHITECTURES)
     arch = arch or _guess_arch(state) or SimpleModel.arch
     model = ARCHITECTURES[arch]()
     check_state_dict(model, state, path)
@@ -361,18 +241,35 @@ def load_model(path, map_location="cpu"):
     return model.to(map_location).eval()
 
 
-@torch.no_grad()
-def predict_proba(model, images, device="cpu", batch_size=1000, flip=False):
-    """Class probabilities [N, 3] for images [N, 3, 32, 32], in eval mode (dropout off).
+@contextlib.contextmanager
+def model_mode(model, training=False):
+    """model in eval mode (dropout off, batch-norm statistics frozen) or, with training=True, in
+    train mode inside the block; the caller's mode is restored afterwards."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
-    flip=True averages with the horizontally flipped image (test-time augmentation).
+
+@torch.no_grad()
+def predict(model, images, device="cpu", batch_size=1000, flip=False, probabilities=False):
+    """The model's predictions for images [N, 3, 32, 32], in eval mode, batch by batch (model on device).
+
+    Returns predicted labels [N] (the argmax of the logits: what any evaluation loop computes),
+    or with probabilities=True the softmax [N, classes]; both on the CPU. flip=True averages
+    the probabilities with those of the horizontally flipped images (test-time augmentation).
+    The model's train/eval mode is restored afterwards.
     """
-    model.eval()
-    probs = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        p = model(x).softmax(1)
-        if flip:
-            p = (p + model(x.flip(3)).softmax(1)) / 2
-        probs.append(p.float().cpu())
-    return torch.cat(probs)
+    outputs = []
+    with model_mode(model, training=False):
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device, non_blocking=True)
+            out = model(x)
+            if flip:
+                out = (out.softmax(1) + model(x.flip(3)).softmax(1)) / 2
+            elif probabilities:
+                out = out.softmax(1)
+            outputs.append(out.float().cpu() if probabilities else out.argmax(1).cpu())
+    return torch.cat(outputs)

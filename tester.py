@@ -17,8 +17,8 @@ By default the model is scored as it is (argmax of its logits, eval mode), so th
 equal any other plain evaluation of the same checkpoint; --tta flip is opt-in and named
 in the output.
 
-predict, compute_metrics, format_metrics and plot_confusion are meant for import (trainer.py).
-Image files are read by dataset.load_image_folder and dataset.load_image_files.
+Prediction is models.predict, the scores metrics.compute_metrics: the same code that
+trainer.py and adversarialExample.py score with. Image files are read by images.py.
 """
 import json
 import math
@@ -29,107 +29,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from cli import ArgumentParser, atomic_write, check_output_dir, pick_device, positive_int, run_main
-from dataset import (
-    CLASSES, DEV_PATH, FIGURES_DIR, load_image_files, load_labeled_data, printable_path, pyplot, save_figure, to_unit,
-    warn_skipped,
-)
-from models import load_model, predict_proba
+from cli import ArgumentParser, atomic_write, check_output_dir, pick_device, positive_int, pyplot, run_main, save_figure
+from dataset import CLASSES, DEV_PATH, FIGURES_DIR, load_labeled_data
+from images import load_image_files, printable_path, to_unit, warn_skipped
+from metrics import TTA_NAMES, compute_metrics, format_metrics
+from models import load_model, predict
 
 DEFAULT_CHECKPOINT = "checkpoints/pre_trained.ckpt"
-LABELS = list(range(len(CLASSES)))
 GRID_MAX = 64  # thumbnails drawn in predictions.png; the table and JSON hold every image
-TTA_NAMES = {"none": "none (the plain model)", "flip": "flip (averaged with the mirrored image; opt-in)"}
-
-
-def _as_labels(y):
-    if hasattr(y, "detach"):  # a torch tensor, possibly on the GPU
-        y = y.detach().cpu().numpy()
-    y = np.asarray(y).ravel()
-    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= len(CLASSES)):
-        raise ValueError(f"labels must be integers in 0..{len(CLASSES) - 1}, got {np.unique(y)[:10]}")
-    return y.astype(np.int64)
-
-
-def compute_metrics(y_true, y_pred):
-    """Metrics of predicted against true labels (ints 0..2 as lists, arrays or tensors), as plain JSON types.
-
-    Returns {"n", "accuracy", "balanced_accuracy", "per_class": {name: {"accuracy",
-    "precision", "recall", "support"}}, "confusion_matrix" (rows true, columns
-    predicted), "predicted_counts": {name: count}}. A class's accuracy is its recall.
-    """
-    # Imported here: sklearn.metrics takes over a second to import, which every run that
-    # stops at a bad flag or path (and every trainer.py start) would otherwise pay.
-    from sklearn.metrics import (
-        accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
-    )
-
-    y_true, y_pred = _as_labels(y_true), _as_labels(y_pred)
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
-    if len(y_true) == 0:
-        raise ValueError("no labels to evaluate")
-    precision, recall, _, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=LABELS, zero_division=0
-    )
-    cm = confusion_matrix(y_true, y_pred, labels=LABELS)
-    with warnings.catch_warnings():
-        # A class missing from y_true (tiny subsets) is left out of the mean; the warning adds nothing.
-        warnings.simplefilter("ignore", UserWarning)
-        balanced = balanced_accuracy_score(y_true, y_pred)
-    per_class = {
-        name: {
-            "accuracy": float(recall[c]),
-            "precision": float(precision[c]),
-            "recall": float(recall[c]),
-            "support": int(support[c]),
-        }
-        for c, name in enumerate(CLASSES)
-    }
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced),
-        "per_class": per_class,
-        "confusion_matrix": cm.astype(int).tolist(),
-        "predicted_counts": {name: int(n) for name, n in zip(CLASSES, cm.sum(0))},
-    }
-
-
-def format_metrics(metrics):
-    """The metrics dict from compute_metrics (optionally with checkpoint/data/tta) as a text table."""
-    lines = []
-    for key in ("checkpoint", "data", "tta"):
-        if key in metrics:
-            value = metrics[key]
-            if key == "data":
-                value = f"{value} ({metrics['n']} images)"
-            if key == "tta":
-                value = TTA_NAMES.get(value, value)
-            lines.append(f"{key:<11} {value}")
-    if lines:
-        lines.append("")
-    lines.append(f"accuracy           {metrics['accuracy']:7.2%}")
-    lines.append(f"balanced accuracy  {metrics['balanced_accuracy']:7.2%}   (mean of the per-class accuracies)")
-    lines.append("")
-    width = max(len(name) for name in CLASSES) + 2
-    lines.append(f"{'class':<{width}}{'support':>9}{'predicted':>11}{'accuracy':>10}{'precision':>11}{'recall':>9}")
-    for name in CLASSES:
-        m = metrics["per_class"][name]
-        lines.append(
-            f"{name:<{width}}{m['support']:>9}{metrics['predicted_counts'][name]:>11}"
-            f"{m['accuracy']:>10.2%}{m['precision']:>11.2%}{m['recall']:>9.2%}"
-        )
-    lines.append("(a class's accuracy is its recall: the share of its images predicted as that class)")
-    lines.append("")
-    lines.append("confusion matrix, counts (rows: true class, columns: predicted class)")
-    cell = max(7, max(len(str(v)) for row in metrics["confusion_matrix"] for v in row) + 2)
-    lines.append(" " * width + "".join(f"{name:>{cell}}" for name in CLASSES))
-    for name, row in zip(CLASSES, metrics["confusion_matrix"]):
-        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
-    return "\n".join(lines)
 
 
 def plot_confusion(metrics_or_matrix, path, title):
@@ -137,10 +45,7 @@ def plot_confusion(metrics_or_matrix, path, title):
 
     Accepts the compute_metrics dict or a 3x3 count matrix (rows true, columns predicted).
     """
-    # Figure without pyplot renders with Agg and leaves the global backend alone, so
-    # importing this from trainer.py cannot change how (or whether) it shows windows.
-    from matplotlib.figure import Figure
-
+    plt = pyplot()
     if isinstance(metrics_or_matrix, dict):
         metrics_or_matrix = metrics_or_matrix["confusion_matrix"]
     counts = np.asarray(metrics_or_matrix, dtype=np.int64)
@@ -150,8 +55,7 @@ def plot_confusion(metrics_or_matrix, path, title):
     # Row percentages make the small truck row as readable as the large car row.
     percent = np.divide(100.0 * counts, totals, out=np.zeros(counts.shape), where=totals > 0)
 
-    fig = Figure(figsize=(5.6, 4.6))
-    ax = fig.add_subplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
     image = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100)
     for i in range(len(CLASSES)):
         for j in range(len(CLASSES)):
@@ -165,26 +69,7 @@ def plot_confusion(metrics_or_matrix, path, title):
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="% of the true class")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-
-
-@torch.no_grad()
-def predict(model, images, device="cpu", batch_size=1000, tta="none"):
-    """Predicted labels [N] of model for images [N, 3, 32, 32], in eval mode.
-
-    tta="none" is the plain argmax of the logits, what any evaluation loop computes;
-    tta="flip" averages the probabilities with those of the mirrored image.
-    """
-    model = model.to(device)
-    if tta == "flip":
-        return predict_proba(model, images, device=device, batch_size=batch_size, flip=True).argmax(1)
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(images[i : i + batch_size].to(device)).argmax(1).cpu()
-                          for i in range(0, len(images), batch_size)])
-    finally:
-        model.train(was_training)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +132,7 @@ def predict_files(model, args, device, out):
     """--images: predict each file, print the table, write predictions.json and predictions.png."""
     images, paths, skipped = load_image_files(args.images, args.skip_bad)
     start = time.perf_counter()
-    probs = predict_proba(model, images, device=device, batch_size=args.batch_size, flip=args.tta == "flip")
+    probs = predict(model, images, device, args.batch_size, flip=args.tta == "flip", probabilities=True)
     seconds = time.perf_counter() - start
     records = prediction_records(paths, probs)
     figure, predictions_json = out / "predictions.png", out / "predictions.json"
@@ -315,13 +200,13 @@ def main(argv=None):
     device = pick_device(args.device)
     out = check_output_dir(args.out, "--out")
     # The checkpoint first: a typo in its path should not wait for a data build.
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint).to(device)
     if args.images:
         return predict_files(model, args, device, out)
     images, labels, files, skipped = load_labeled_data(args.data, args.cifar_dir, args.skip_bad)
 
     start = time.perf_counter()
-    predictions = predict(model, images, device, args.batch_size, args.tta)
+    predictions = predict(model, images, device, args.batch_size, flip=args.tta == "flip")
     seconds = time.perf_counter() - start
     metrics = compute_metrics(labels, predictions)
     record = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n": metrics["n"], "tta": args.tta}

@@ -10,7 +10,7 @@ of each, the ratio, and checks that both produce the same adversarial images.
 
   loop:    per image: requires_grad, forward, model.zero_grad(), loss.backward(),
            x + eps * sign(x.grad), forward again (the PyTorch FGSM tutorial's way)
-  batched: adversarialExample.fgsm_perturb on --batch-size images at once
+  batched: attacks.fgsm_perturb on --batch-size images at once
 """
 import argparse
 import sys
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from adversarialExample import EPS_SCALE, fgsm_perturb  # noqa: E402
+from attacks import EPS_SCALE, fgsm_perturb  # noqa: E402
 from cli import UserError, pick_device, run_main  # noqa: E402
 from dataset import DEV_PATH, ensure_data, load_pickle  # noqa: E402
 from models import SimpleModel, load_model  # noqa: E402

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer  # noqa: E402
+from label_repair import find_label_repairs, out_of_fold_probabilities  # noqa: E402
 from cli import pick_device, run_main  # noqa: E402
 from dataset import CLASSES, MANIFEST_NAME, ensure_data, load_pickle  # noqa: E402
 
@@ -49,8 +50,10 @@ def main():
     for repair_model in own.repair_models:
         args = trainer.parse_args([*rest, "--repair-model", repair_model])  # its own default epochs
         start = time.time()
-        probs = trainer.out_of_fold_probabilities(images, labels, args, pick_device(args.device))
-        issues, suggested, _, act = trainer.find_label_repairs(labels, probs, "directional")
+        device = pick_device(args.device)
+        probs = out_of_fold_probabilities(images, labels, args.repair_folds, args.seed,
+                                          trainer.fold_trainer(args, device), device)
+        issues, suggested, _, act = find_label_repairs(labels, probs, "directional")
         seconds = time.time() - start
         print(f"--repair-model {repair_model}: {args.repair_folds} folds x {args.repair_epochs} epochs, "
               f"{seconds:.0f}s (out-of-fold probabilities and cleanlab, wall clock)")

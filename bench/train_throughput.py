@@ -22,7 +22,8 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trainer  # noqa: E402
 from cli import run_main  # noqa: E402
-from dataset import TRAIN_PATH, ensure_data, load_pickle, to_unit  # noqa: E402
+from dataset import TRAIN_PATH, ensure_data, load_pickle  # noqa: E402
+from images import to_unit  # noqa: E402
 
 
 class PilDataset(Dataset):

@@ -8,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adversarialExample as adv
+import attacks
 from conftest import run_script
 from dataset import CLASSES, load_pickle
-from models import SimpleModel, predict_proba
+from models import SimpleModel, predict
 
 CAT = CLASSES.index("cat")
 # One thread: these models are tiny, and on a busy 2-core machine a second OpenMP thread
@@ -62,7 +63,7 @@ def test_fgsm_matches_hand_computation_with_clamp(target):
     model.eval()
     expected = [hand_fgsm(model, x[i], int(y[i]), epsilon, target) for i in range(len(x))]
     model.train()  # fgsm_perturb must switch dropout off itself, and give train mode back
-    got = adv.fgsm_perturb(model, x, y, epsilon, target=target)
+    got = attacks.fgsm_perturb(model, x, y, epsilon, target=target)
     assert model.training
 
     for i, (want, direction) in enumerate(expected):
@@ -78,14 +79,14 @@ def test_fgsm_matches_hand_computation_with_clamp(target):
 def test_pgd_one_full_step_is_fgsm_and_stays_in_the_ball():
     model = tiny_model().eval()
     x, y = boundary_images(), torch.tensor([0, 1, 2, 0])
-    one_step = adv.pgd_perturb(model, x, y, 0.05, steps=1, step_size=0.05)
-    torch.testing.assert_close(one_step, adv.fgsm_perturb(model, x, y, 0.05), rtol=0, atol=1e-12)
+    one_step = attacks.pgd_perturb(model, x, y, 0.05, steps=1, step_size=0.05)
+    torch.testing.assert_close(one_step, attacks.fgsm_perturb(model, x, y, 0.05), rtol=0, atol=1e-12)
 
     g = torch.Generator().manual_seed(0)
-    out = adv.pgd_perturb(model, x, y, 0.03, steps=5, step_size=0.02, random_start=True, generator=g)
+    out = attacks.pgd_perturb(model, x, y, 0.03, steps=5, step_size=0.02, random_start=True, generator=g)
     assert (out - x).abs().max() <= 0.06 + 1e-12
     assert out.min() >= -1 and out.max() <= 1
-    assert torch.equal(adv.pgd_perturb(model, x, y, 0.0, random_start=True, generator=g), x)
+    assert torch.equal(attacks.pgd_perturb(model, x, y, 0.0, random_start=True, generator=g), x)
 
 
 def test_choose_examples_is_seeded_covers_classes_and_prefers_fooled():
@@ -124,13 +125,13 @@ def trained(small_data, tmp_path_factory):
 
 
 def _attacks(steps=10):
-    pgd = lambda m, x, y, eps, target=None: adv.pgd_perturb(m, x, y, eps, steps=steps, target=target)  # noqa: E731
-    return {"fgsm": adv.fgsm_perturb, "pgd": pgd}
+    pgd = lambda m, x, y, eps, target=None: attacks.pgd_perturb(m, x, y, eps, steps=steps, target=target)  # noqa: E731
+    return {"fgsm": attacks.fgsm_perturb, "pgd": pgd}
 
 
 def test_epsilon_zero_gives_clean_accuracy_and_pgd_is_not_weaker(trained):
     model, _, x, y = trained
-    clean = int((predict_proba(model, x).argmax(1) == y).sum()) / len(y)
+    clean = int((predict(model, x) == y).sum()) / len(y)
     assert clean > 0.5  # the model did learn: the attack has something to break
     summary, _ = adv.evaluate(model, _attacks(), x, y, [0.0, 0.01, 0.03], 100, "cpu", progress=False)
     assert summary["clean_accuracy"] == clean
@@ -144,11 +145,11 @@ def test_epsilon_zero_gives_clean_accuracy_and_pgd_is_not_weaker(trained):
 
 def test_targeted_attack_raises_target_probability(trained):
     model, _, x, y = trained
-    keep = (predict_proba(model, x).argmax(1) == y) & (y != CAT)
+    keep = (predict(model, x) == y) & (y != CAT)
     x, y = x[keep], y[keep]
-    before = predict_proba(model, x)[:, CAT]
+    before = predict(model, x, probabilities=True)[:, CAT]
     for attack in _attacks(steps=5).values():
-        after = predict_proba(model, attack(model, x, y, 0.03, target=CAT))[:, CAT]
+        after = predict(model, attack(model, x, y, 0.03, target=CAT), probabilities=True)[:, CAT]
         assert after.mean() > before.mean() + 0.05
         assert (after > before).float().mean() > 0.9
 
@@ -164,7 +165,7 @@ def test_script_writes_figures_and_json(trained, small_data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "attacked set" in result.stdout and "dev balanced" in result.stdout and "sanity:" in result.stdout
     report = json.loads((out / "adversarial.json").read_text())
-    clean = int((predict_proba(model, x).argmax(1) == y).sum()) / len(y)
+    clean = int((predict(model, x) == y).sum()) / len(y)
     assert report["clean_accuracy"] == pytest.approx(clean)
     for name in ("fgsm", "pgd"):
         rows = report["results"][name]

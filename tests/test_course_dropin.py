@@ -213,6 +213,16 @@ def test_old_torch_is_refused_before_any_file_is_read(tmp_path):
     assert "missing.ckpt" not in result.stderr
 
 
+def test_course_api_refuses_a_zip_checkpoint_on_an_old_torch(tmp_path, monkeypatch):
+    # Course code calls SimpleModel().load directly, without a script's start-up check.
+    SimpleModel().save(tmp_path / "m.ckpt")
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(UserError, match="torch 2.5.1 is too old"):
+        SimpleModel().load(tmp_path / "m.ckpt")
+    monkeypatch.undo()
+    SimpleModel().load(tmp_path / "m.ckpt")
+
+
 def test_requirements_floor_torch_at_2_10():
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     assert any(line.replace(" ", "").startswith("torch>=2.10") for line in lines)

@@ -18,6 +18,7 @@ import dataset
 from conftest import assert_one_error_line, cifar_dir, needs_cifar, run_script
 from cli import UserError
 from dataset import build_from_cifar, class_counts, load_pickle, save_pickle
+from images import from_unit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -266,7 +267,7 @@ def write_tree(root, sizes=TREE_SIZES, seed=0):
             path = folder / f"{j:04d}.{'jpg' if j % 3 == 2 else 'png'}"
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, quality=95, subsampling=0)
             decoded = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
-            reference[(cls, path.name)] = dataset.from_unit(decoded.float() / 255)
+            reference[(cls, path.name)] = from_unit(decoded.float() / 255)
     return reference
 
 

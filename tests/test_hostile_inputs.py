@@ -554,12 +554,12 @@ FIX_CASES = {
 
 @pytest.mark.parametrize("case", list(FIX_CASES))
 def test_bad_corrections_file_is_refused(case, tmp_path):
-    import trainer
+    import label_repair
     from cli import UserError
 
     content, words = FIX_CASES[case]
     with pytest.raises(UserError) as info:
-        trainer.read_corrections(corrections(tmp_path, content), 100)
+        label_repair.read_corrections(corrections(tmp_path, content), 100)
     assert words in str(info.value) and "\n" not in str(info.value)
 
 

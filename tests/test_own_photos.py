@@ -22,7 +22,7 @@ import dataset
 import models
 from cli import UserError
 from conftest import ROOT, assert_one_error_line, cifar_dir, needs_cifar, run_script
-from dataset import BadImageFile, load_image, load_image_files, load_image_folder
+from images import CLASS_FOLDERS, BadImageFile, from_unit, load_image, load_image_files, load_image_folder, to_unit
 
 PRETRAINED = ROOT / "checkpoints" / "pre_trained.ckpt"
 MEMORY_LIMIT = 6 * 2**30  # as in test_hostile_inputs: importing torch needs about 3 GiB of address space
@@ -31,7 +31,7 @@ RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
 def rgb(tensor):
     """A loaded image [3, 32, 32] in [-1, 1] as uint8-scale integers [32, 32, 3]."""
-    return (dataset.to_unit(tensor) * 255).round().int().permute(1, 2, 0)
+    return (to_unit(tensor) * 255).round().int().permute(1, 2, 0)
 
 
 def solid(colour, size=(40, 30), mode="RGB"):
@@ -308,7 +308,7 @@ def class_tree(root, sizes=(("Car", 5), ("automobile", 3), ("TRUCK", 4), ("cat",
             path = folder / f"{j:03d}.{'jpg' if j % 2 else 'png'}"
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
             plain = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
-            reference[path] = (dataset.CLASS_FOLDERS[name.lower()], dataset.from_unit(plain.float() / 255))
+            reference[path] = (CLASS_FOLDERS[name.lower()], from_unit(plain.float() / 255))
     return reference
 
 
@@ -481,7 +481,7 @@ def test_images_on_mixed_formats_predicts_each_in_input_order(tta, tmp_path, ran
     assert [p["path"] for p in report["predictions"]] == [str(p) for p in order]
 
     images = torch.stack([load_image(p) for p in order])
-    expected = models.predict_proba(models.load_model(random_checkpoint), images, flip=tta == "flip")
+    expected = models.predict(models.load_model(random_checkpoint), images, flip=tta == "flip", probabilities=True)
     for record, probs in zip(report["predictions"], expected.tolist()):
         assert [record["probabilities"][c] for c in dataset.CLASSES] == pytest.approx(probs, abs=2e-6)
         assert record["predicted"] == dataset.CLASSES[int(np.argmax(probs))]

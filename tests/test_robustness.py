@@ -1,6 +1,5 @@
 """Adversarial training (trainer.py --adversarial) and an evaluation that gradient masking cannot fool
 (adversarialExample.py: restarts, a monotone sweep, sanity checks, transfer, --compare)."""
-import argparse
 import json
 
 import pytest
@@ -9,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adversarialExample as adv
+import attacks
 import trainer
 from conftest import run_script
 from dataset import from_unit, load_pickle, to_unit
@@ -25,8 +25,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def args_for(method, **extra):
-    return argparse.Namespace(adversarial=method, adv_epsilon=EPS, adv_steps=3, adv_step_size=None, **extra)
+def training_attack(model, x, y, method, generator):
+    """adversarial training's attack at EPS with 3 PGD steps and the default step size."""
+    return attacks.adversarial_batch(model, x, y, method, EPS, 3, None, generator)
 
 
 def batch(n=16, seed=0):
@@ -45,7 +46,7 @@ def test_training_attack_stays_in_the_ball_and_the_image_range(method):
     torch.manual_seed(0)
     model = SimpleModel()
     x, y = batch()
-    out = trainer.adversarial_batch(model, x, y, args_for(method), torch.Generator().manual_seed(1))
+    out = training_attack(model, x, y, method, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and not out.requires_grad
     assert (out - x).abs().max() <= 2 * EPS + 1e-6  # the ball, in the normalized [-1, 1] space
     assert out.min() >= -1 and out.max() <= 1
@@ -59,20 +60,19 @@ def test_random_start_is_uniform_in_the_ball_and_seeded():
     model.fc3.bias.data.zero_()
     x = torch.zeros(64, 3, 32, 32)
     y = torch.zeros(64, dtype=torch.long)
-    a = trainer.adversarial_batch(model, x, y, args_for("fgsm-rs"), torch.Generator().manual_seed(3))
-    b = trainer.adversarial_batch(model, x, y, args_for("fgsm-rs"), torch.Generator().manual_seed(3))
+    a = training_attack(model, x, y, "fgsm-rs", torch.Generator().manual_seed(3))
+    b = training_attack(model, x, y, "fgsm-rs", torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     delta = a - x
     assert delta.abs().max() <= 2 * EPS + 1e-6
     assert abs(float(delta.mean())) < 0.05 * 2 * EPS and float(delta.abs().mean()) > 0.4 * 2 * EPS
-    plain = trainer.adversarial_batch(model, x, y, args_for("fgsm"), torch.Generator().manual_seed(3))
+    plain = training_attack(model, x, y, "fgsm", torch.Generator().manual_seed(3))
     assert torch.equal(plain, x)  # no random start, no gradient: nothing moves
 
 
 def test_fgsm_rs_step_is_one_and_a_quarter_epsilon():
-    args = args_for("fgsm-rs")
-    assert trainer.adv_step_size(args) == pytest.approx(1.25 * EPS)
-    assert trainer.adv_step_size(args_for("pgd")) == pytest.approx(max(EPS / 4, 2.5 * EPS / 3))
+    assert attacks.training_step_size("fgsm-rs", EPS, 3) == pytest.approx(1.25 * EPS)
+    assert attacks.training_step_size("pgd", EPS, 3) == pytest.approx(max(EPS / 4, 2.5 * EPS / 3))
 
 
 def test_the_training_attack_sees_the_augmented_batch(monkeypatch, tmp_path):
@@ -85,9 +85,9 @@ def test_the_training_attack_sees_the_augmented_batch(monkeypatch, tmp_path):
         augmented.append(out)
         return out
 
-    def attack(model, x, y, args, generator):
+    def attack(model, x, y, *settings):
         seen.append(x)
-        return real_attack(model, x, y, args, generator)
+        return real_attack(model, x, y, *settings)
 
     monkeypatch.setattr(trainer, "augment_batch", augment)
     monkeypatch.setattr(trainer, "adversarial_batch", attack)
@@ -105,14 +105,14 @@ def test_catastrophic_overfitting_detector():
         return [{"epoch": i + 1, "robust": {"clean": c, "fgsm": f, "pgd": p}} for i, (c, f, p) in enumerate(triples)]
 
     # Robustness collapses while FGSM keeps looking harmless (Wong et al.'s failure).
-    assert trainer.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.55, 0.42), (0.95, 0.9, 0.01))) == 3
-    assert trainer.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.55, 0.42), (0.8, 0.6, 0.45))) is None
+    assert attacks.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.55, 0.42), (0.95, 0.9, 0.01))) == 3
+    assert attacks.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.55, 0.42), (0.8, 0.6, 0.45))) is None
     # Never robust, yet FGSM barely hurts: the single-step attack is defeated from the start.
-    assert trainer.catastrophic_overfitting(history((0.6, 0.45, 0.0), (0.55, 0.5, 0.0))) == 1
+    assert attacks.catastrophic_overfitting(history((0.6, 0.45, 0.0), (0.55, 0.5, 0.0))) == 1
     # A weak early model that both attacks break is no overfitting...
-    assert trainer.catastrophic_overfitting(history((0.6, 0.35, 0.004), (0.73, 0.45, 0.05))) is None
+    assert attacks.catastrophic_overfitting(history((0.6, 0.35, 0.004), (0.73, 0.45, 0.05))) is None
     # ... nor is both attacks falling together.
-    assert trainer.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.05, 0.02))) is None
+    assert attacks.catastrophic_overfitting(history((0.7, 0.5, 0.4), (0.7, 0.05, 0.02))) is None
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def standard_and_robust(small_data, tmp_path_factory):
 def robust_accuracy(ckpt, x, y, epsilon):
     """(share of the correctly classified dev images that survive PGD-10, balanced dev accuracy under it)."""
     model = load_model(ckpt)
-    attack = lambda m, a, b, e, target=None: adv.pgd_perturb(m, a, b, e, steps=10, random_start=True,  # noqa: E731
+    attack = lambda m, a, b, e, target=None: attacks.pgd_perturb(m, a, b, e, steps=10, random_start=True,  # noqa: E731
                                                               generator=torch.Generator().manual_seed(0))
     summary, _ = adv.evaluate(model, {"pgd": attack}, x, y, [epsilon], 250, "cpu", progress=False)
     row = summary["results"]["pgd"][0]
@@ -216,21 +216,21 @@ def briefly_trained(small_data):
 
 def pgd(restarts=1, steps=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (lambda m, x, y, e, target=None: adv.pgd_perturb(m, x, y, e, steps=steps, random_start=True, generator=g,
+    return (lambda m, x, y, e, target=None: attacks.pgd_perturb(m, x, y, e, steps=steps, random_start=True, generator=g,
                                                             target=target), restarts)
 
 
 def test_sanity_check_fires_on_a_masked_model_and_not_on_a_plain_one(briefly_trained):
     model, x, y = briefly_trained
     titles = {"fgsm": "FGSM", "pgd": "PGD-10", "transfer": "transfer"}
-    attacks = {"fgsm": adv.fgsm_perturb, "pgd": pgd()}
+    chosen = {"fgsm": attacks.fgsm_perturb, "pgd": pgd()}
     eps = [0, 2 / 255, 8 / 255, 0.3]
-    plain, _ = adv.evaluate(model, attacks, x, y, eps, 250, "cpu", progress=False)
+    plain, _ = adv.evaluate(model, chosen, x, y, eps, 250, "cpu", progress=False)
     assert adv.masking_checks(plain, titles)[0] == [], adv.sanity_line(plain, titles)
 
     masked = Rounds(model).eval()
-    attacks["transfer"] = (adv.transfer_attack(model, pgd()[0]), 1)
-    summary, _ = adv.evaluate(masked, attacks, x, y, eps, 250, "cpu", progress=False)
+    chosen["transfer"] = (attacks.transfer_attack(model, pgd()[0]), 1)
+    summary, _ = adv.evaluate(masked, chosen, x, y, eps, 250, "cpu", progress=False)
     problems, _ = adv.masking_checks(summary, titles)
     line = adv.sanity_line(summary, titles)
     assert line.startswith("sanity: WARNING")
@@ -257,14 +257,14 @@ def test_attacks_agree_with_torchattacks(briefly_trained):
     model, x, y = briefly_trained
     pixels = to_unit(x)
     on_pixels = nn.Sequential(Lambda(from_unit), model).eval()  # the library works on [0, 1] images
-    ours = to_unit(adv.fgsm_perturb(model, x, y, EPS))
+    ours = to_unit(attacks.fgsm_perturb(model, x, y, EPS))
     theirs = torchattacks.FGSM(on_pixels, eps=EPS)(pixels, y)
     assert (ours - theirs).abs().max() < 1e-5
 
     lib_pgd = torchattacks.PGD(on_pixels, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
     torch.manual_seed(0)
     lib_acc = float((model(from_unit(lib_pgd(pixels, y))).argmax(1) == y).float().mean())
-    our_adv = adv.pgd_perturb(model, x, y, EPS, steps=10, random_start=True, generator=torch.Generator().manual_seed(0))
+    our_adv = attacks.pgd_perturb(model, x, y, EPS, steps=10, random_start=True, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         our_acc = float((model(our_adv).argmax(1) == y).float().mean())
     assert our_acc <= lib_acc + 0.01, (our_acc, lib_acc)

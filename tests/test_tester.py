@@ -1,74 +1,15 @@
 """tester.py: metrics on a hand-checked case, the figure and JSON it writes, and one-line CLI errors."""
 import json
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 import dataset
+import metrics
 import models
 import tester
 from conftest import ROOT, needs_cifar, run_script
-
-# Hand-made case. Rows true, columns predicted:
-#   car   [3, 1, 0]   3 of 4 cars right
-#   truck [1, 1, 0]   1 of 2 trucks right
-#   cat   [1, 0, 1]   1 of 2 cats right
-Y_TRUE = [0, 0, 0, 0, 1, 1, 2, 2]
-Y_PRED = [0, 0, 0, 1, 1, 0, 2, 0]
-
-
-def test_compute_metrics_hand_case():
-    m = tester.compute_metrics(Y_TRUE, Y_PRED)
-    assert m["n"] == 8
-    assert m["accuracy"] == pytest.approx(5 / 8)
-    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 1 / 2) / 3)
-    assert m["confusion_matrix"] == [[3, 1, 0], [1, 1, 0], [1, 0, 1]]
-    assert m["predicted_counts"] == {"car": 5, "truck": 2, "cat": 1}
-    expected = {  # precision: right / predicted as the class; recall: right / truly the class
-        "car": {"precision": 3 / 5, "recall": 3 / 4, "support": 4},
-        "truck": {"precision": 1 / 2, "recall": 1 / 2, "support": 2},
-        "cat": {"precision": 1 / 1, "recall": 1 / 2, "support": 2},
-    }
-    for name, want in expected.items():
-        got = m["per_class"][name]
-        assert got["precision"] == pytest.approx(want["precision"])
-        assert got["recall"] == pytest.approx(want["recall"])
-        assert got["accuracy"] == pytest.approx(want["recall"])
-        assert got["support"] == want["support"]
-
-
-def test_compute_metrics_takes_tensors_and_returns_plain_json():
-    # Nothing predicted "truck": its precision is 0 by convention, without a warning.
-    y_true = torch.tensor([0, 1, 2, 2])
-    y_pred = torch.tensor([0, 0, 2, 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        m = tester.compute_metrics(y_true, y_pred)
-    assert json.loads(json.dumps(m)) == m
-    assert m["per_class"]["truck"] == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "support": 1}
-    assert m["balanced_accuracy"] == pytest.approx((1 + 0 + 1) / 3)
-    assert type(m["confusion_matrix"][0][0]) is int and type(m["accuracy"]) is float
-
-
-@pytest.mark.parametrize("y_true, y_pred", [([0, 1], [0]), ([0, 3], [0, 1]), ([], [])])
-def test_compute_metrics_rejects_bad_labels(y_true, y_pred):
-    with pytest.raises(ValueError):
-        tester.compute_metrics(y_true, y_pred)
-
-
-def test_format_metrics_shows_table_and_matrix():
-    text = tester.format_metrics({"checkpoint": "a.ckpt", "data": "d.pickle", "tta": "none",
-                                  **tester.compute_metrics(Y_TRUE, Y_PRED)})
-    assert "a.ckpt" in text and "d.pickle (8 images)" in text
-    assert "62.50%" in text  # accuracy
-    assert "58.33%" in text  # balanced accuracy
-    car = next(line for line in text.splitlines() if line.startswith("car ") and "%" in line)
-    assert car.split() == ["car", "4", "5", "75.00%", "60.00%", "75.00%"]
-    matrix_rows = [line.split() for line in text.splitlines()[-3:]]
-    assert matrix_rows == [["car", "3", "1", "0"], ["truck", "1", "1", "0"], ["cat", "1", "0", "1"]]
-
 
 def test_plot_confusion_accepts_a_bare_matrix(tmp_path):
     path = tmp_path / "sub" / "cm.png"
@@ -80,8 +21,7 @@ def test_plot_confusion_accepts_a_bare_matrix(tmp_path):
 
 def _expected_metrics(checkpoint, data, flip=False):
     images, labels = dataset.load_pickle(data)
-    probs = models.predict_proba(models.load_model(checkpoint), images, flip=flip)
-    return tester.compute_metrics(labels, probs.argmax(1))
+    return metrics.compute_metrics(labels, models.predict(models.load_model(checkpoint), images, flip=flip))
 
 
 def test_default_run_writes_figure_and_json(small_data, tmp_path):

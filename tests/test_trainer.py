@@ -8,13 +8,20 @@ import time
 import pytest
 import torch
 
+import label_repair
 import trainer
+from cli import UserError
 from conftest import ROOT, run_script
 from models import SimpleModel, load_model
 
 
 def args_for(*argv):
     return trainer.parse_args(list(argv))
+
+
+def repair(images, labels, args):
+    """label_repair.repair_labels as trainer.py calls it, on the CPU."""
+    return label_repair.repair_labels(images, labels, args, "cpu", trainer.fold_trainer(args, "cpu"))
 
 
 def test_balanced_sampler_draws_each_class_about_equally():
@@ -72,7 +79,7 @@ def planted_label_errors(n_per_class=120, flips=24, seed=0):
 def test_label_repair_finds_planted_errors(tmp_path):
     images, true, given, planted = planted_label_errors()
     args = args_for("--repair-folds", "3", "--repair-epochs", "3", "--figures", str(tmp_path), "--no-augment")
-    repaired, keep = trainer.repair_labels(images, given, args, "cpu")
+    repaired, keep = repair(images, given, args)
     report = json.loads((tmp_path / "label_issues.json").read_text())
     found = {issue["index"] for issue in report["issues"]}
     assert len(found & planted) >= 0.8 * len(planted)
@@ -88,15 +95,15 @@ def test_directional_filter_keeps_one_way_noise_and_skips_two_way_confusion():
     sizes = torch.tensor([100, 100, 100])
     pairs = [(0, 2)] * 30 + [(0, 1)] * 10 + [(1, 0)] * 12 + [(2, 0)] * 2
     given, suggested = torch.tensor(pairs).T
-    ok = trainer.directional_pairs(given, suggested, sizes)
+    ok = label_repair.directional_pairs(given, suggested, sizes)
     assert ok[0, 2] and not ok[0, 1] and not ok[1, 0] and not ok[2, 0]
     # Rates and counts: 10 flags out of 1,000 cars are rarer than 12 out of 100 trucks, but 12
     # flags do not outnumber 10 (a strong model's few errors on a rare class are no noise) ...
-    ok = trainer.directional_pairs(given, suggested, torch.tensor([1000, 100, 100]))
+    ok = label_repair.directional_pairs(given, suggested, torch.tensor([1000, 100, 100]))
     assert not ok[1, 0] and not ok[0, 1]
     # ... while 40 truck->car flags against 10 car->truck pass on both.
     given, suggested = torch.tensor([(1, 0)] * 40 + [(0, 1)] * 10).T
-    ok = trainer.directional_pairs(given, suggested, torch.tensor([1000, 100, 100]))
+    ok = label_repair.directional_pairs(given, suggested, torch.tensor([1000, 100, 100]))
     assert ok[1, 0] and not ok[0, 1]
 
 
@@ -104,14 +111,14 @@ def test_label_repair_from_a_file_and_drop(tmp_path):
     labels = torch.tensor([0, 0, 1, 2])
     fixes = tmp_path / "fixes.json"
     fixes.write_text(json.dumps([{"index": 1, "label": "cat"}, {"index": 2, "label": 0}]))
-    repaired, keep = trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
+    repaired, keep = repair(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)))
     assert repaired.tolist() == [0, 2, 0, 2] and keep.all()
     fixes.write_text(json.dumps([{"index": 3, "label": None}]))
-    _, keep = trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
+    _, keep = repair(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)))
     assert keep.tolist() == [True, True, True, False]
     fixes.write_text(json.dumps([{"index": 9, "label": "cat"}]))
-    with pytest.raises(trainer.UserError, match="entry 0"):
-        trainer.repair_labels(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)), "cpu")
+    with pytest.raises(UserError, match="entry 0"):
+        repair(torch.zeros(4, 3, 32, 32), labels, args_for("--fix-labels", str(fixes)))
 
 
 def test_same_seed_gives_identical_training_on_cpu():

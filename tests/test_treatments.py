@@ -5,7 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lr_sweep
 import trainer
+import treatments
+from cli import UserError
 from conftest import run_script
 from dataset import load_pickle
 from models import WhitenedCNN, load_model
@@ -22,12 +25,12 @@ def test_logit_adjustment_shifts_logits_by_tau_log_prior():
     # = [1.83575, -1.40671, 0.24294]; the loss of class 1 is logsumexp - (-1.40671) = 3.45952.
     shifted = torch.tensor([1.835748, -1.406705, 0.242936])
     expected = torch.logsumexp(shifted, 0) - shifted[1]
-    got = trainer.logit_adjusted_cross_entropy(logits, torch.tensor([1]), prior.log(), tau=0.5)
+    got = treatments.logit_adjusted_cross_entropy(logits, torch.tensor([1]), prior.log(), tau=0.5)
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
     assert got.item() == pytest.approx(3.45952, abs=1e-4)
     # tau 0 is plain cross-entropy; adjusting raises the loss of the rare class over plain CE.
     plain = F.cross_entropy(logits, torch.tensor([1]))
-    assert trainer.logit_adjusted_cross_entropy(logits, torch.tensor([1]), prior.log(), tau=0.0) == plain
+    assert treatments.logit_adjusted_cross_entropy(logits, torch.tensor([1]), prior.log(), tau=0.0) == plain
     assert got > plain
 
 
@@ -35,24 +38,24 @@ def test_balanced_softmax_is_cross_entropy_under_a_uniform_prior_and_weights_by_
     torch.manual_seed(0)
     logits, targets = torch.randn(8, 3), torch.randint(0, 3, (8,))
     uniform = torch.full((3,), 1 / 3)
-    assert torch.allclose(trainer.balanced_softmax_cross_entropy(logits, targets, uniform),
+    assert torch.allclose(treatments.balanced_softmax_cross_entropy(logits, targets, uniform),
                           F.cross_entropy(logits, targets))
     # Ren et al.'s form: -log(prior_y exp(z_y) / sum_j prior_j exp(z_j)).
     prior = torch.tensor([0.72, 0.06, 0.22])
     weighted = prior * logits.exp()
     by_hand = -(weighted[torch.arange(8), targets] / weighted.sum(1)).log().mean()
-    assert torch.allclose(trainer.balanced_softmax_cross_entropy(logits, targets, prior), by_hand, atol=1e-6)
+    assert torch.allclose(treatments.balanced_softmax_cross_entropy(logits, targets, prior), by_hand, atol=1e-6)
 
 
 def test_label_prior_is_the_share_of_each_class():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    assert trainer.label_log_prior(labels).exp().tolist() == pytest.approx([0.9, 0.1, 0.0], abs=1e-6)
+    assert treatments.label_log_prior(labels).exp().tolist() == pytest.approx([0.9, 0.1, 0.0], abs=1e-6)
 
 
 def test_drw_switches_to_the_sampler_at_the_stated_epoch():
     args = args_for("--drw-start", "4", "--epochs", "6")
-    assert [trainer.epoch_sampler(args, e) for e in range(1, 7)] == ["none"] * 3 + ["balanced"] * 3
-    assert {trainer.epoch_sampler(args_for(), e) for e in range(1, 61)} == {"balanced"}
+    assert [treatments.epoch_sampler(args, e) for e in range(1, 7)] == ["none"] * 3 + ["balanced"] * 3
+    assert {treatments.epoch_sampler(args_for(), e) for e in range(1, 61)} == {"balanced"}
     # What the epochs draw: the data's own shares before the switch, about equal shares after.
     labels = torch.tensor([0] * 900 + [1] * 100)
     seen = []
@@ -63,13 +66,12 @@ def test_drw_switches_to_the_sampler_at_the_stated_epoch():
 
     original = trainer.run_epoch
     trainer.run_epoch = record
-    try:
-        for epoch in (3, 4):
-            trainer.train_epoch(None, None, type("S", (), {"last_epoch": 0})(), None, labels, args, epoch,
-                                torch.Generator().manual_seed(epoch), "cpu")
+    try:  # the training loop's epochs 1-6: the sampler each is given
+        trainer.fit(torch.zeros(len(labels), 3, 32, 32), labels, args, "cpu", epochs=6, salt="t")
     finally:
         trainer.run_epoch = original
-    (before, order_before), (after, order_after) = seen
+    assert [sampler for sampler, _ in seen] == ["none"] * 3 + ["balanced"] * 3
+    (before, order_before), (after, order_after) = seen[2:4]
     assert (before, after) == ("none", "balanced")
     assert (labels[order_before] == 1).float().mean() == pytest.approx(0.1)
     assert (labels[order_after] == 1).float().mean() == pytest.approx(0.5, abs=0.06)
@@ -79,46 +81,46 @@ def test_mixup_and_cutmix_mix_images_and_report_the_share():
     x = torch.stack([torch.full((3, 32, 32), float(v)) for v in range(8)])
     y = torch.arange(8) % 3
     g = torch.Generator().manual_seed(0)
-    mixed, y_a, y_b, lam = trainer.mix_batch(x, y, "mixup", 1.0, g)
+    mixed, y_a, y_b, lam = treatments.mix_batch(x, y, "mixup", 1.0, g)
     assert 0 <= lam <= 1 and torch.equal(y_a, y)
     # Each image is lam * itself + (1 - lam) * its partner, whose label is y_b.
     partner_value = (mixed[:, 0, 0, 0] - lam * x[:, 0, 0, 0]) / (1 - lam)
     assert torch.allclose(y[partner_value.round().long()], y_b)
-    cut, y_a, y_b, lam = trainer.mix_batch(x, y, "cutmix", 1.0, torch.Generator().manual_seed(3))
+    cut, y_a, y_b, lam = treatments.mix_batch(x, y, "cutmix", 1.0, torch.Generator().manual_seed(3))
     own = (cut == x).all(1).float().mean((1, 2))  # share of each image's pixels left as they were
     moved = y_b != y_a
     assert torch.allclose(own[moved], torch.full_like(own[moved], lam))
     # Same generator state, same mix.
-    again = trainer.mix_batch(x, y, "cutmix", 1.0, torch.Generator().manual_seed(3))
+    again = treatments.mix_batch(x, y, "cutmix", 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(again[0], cut) and again[3] == lam
 
 
 def test_ema_follows_the_weights_with_warmup():
     model = torch.nn.Linear(2, 1)
     args = args_for("--ema", "0.9")
-    average = trainer.new_average(model, args)
-    assert trainer.new_average(model, args_for()) is None
+    average = treatments.new_average(model, args)
+    assert treatments.new_average(model, args_for()) is None
     with torch.no_grad():
         model.weight.fill_(1.0)
-    decay = trainer.ema_decay(args, 1)
+    decay = treatments.ema_decay(args, 1)
     assert decay == pytest.approx(2 / 11)  # warm-up: (1 + t) / (10 + t) below 0.9
     before = average["weight"].clone()
-    trainer.update_average(average, model, decay)
+    treatments.update_average(average, model, decay)
     assert torch.allclose(average["weight"], decay * before + (1 - decay) * 1.0)
-    assert trainer.ema_decay(args, 10_000) == 0.9
-    assert torch.equal(trainer.averaged_model(model, average).weight, average["weight"])
+    assert treatments.ema_decay(args, 10_000) == 0.9
+    assert torch.equal(treatments.averaged_model(model, average).weight, average["weight"])
 
 
 def test_validation_split_is_stratified_seeded_and_disjoint():
     labels = torch.tensor([0] * 460 + [1] * 40 + [2] * 140)[torch.randperm(640, generator=torch.Generator().manual_seed(0))]
-    train_idx, val_idx = trainer.validation_split(labels, 0.1, seed=0)
+    train_idx, val_idx = treatments.validation_split(labels, 0.1, torch.Generator().manual_seed(0))
     assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(640))
     assert torch.bincount(labels[val_idx], minlength=3).tolist() == [46, 4, 14]
-    again = trainer.validation_split(labels, 0.1, seed=0)
+    again = treatments.validation_split(labels, 0.1, torch.Generator().manual_seed(0))
     assert torch.equal(again[1], val_idx) and torch.equal(again[0], train_idx)
-    assert not torch.equal(trainer.validation_split(labels, 0.1, seed=1)[1], val_idx)
-    assert len(trainer.validation_split(labels, 0.0, seed=0)[1]) == 0
+    assert not torch.equal(treatments.validation_split(labels, 0.1, torch.Generator().manual_seed(1))[1], val_idx)
+    assert len(treatments.validation_split(labels, 0.0, torch.Generator().manual_seed(0))[1]) == 0
 
 
 def test_treatment_flags_are_checked():
@@ -221,7 +223,7 @@ def test_resume_with_treatments_matches_an_uninterrupted_run(small_data, tmp_pat
         return line(epoch, *rest)
 
     monkeypatch.setattr(trainer, "epoch_line", interrupt_in_epoch_3)
-    with pytest.raises(trainer.UserError, match="interrupted"):
+    with pytest.raises(UserError, match="interrupted"):
         train(tmp_path / "b")
     assert torch.load(tmp_path / "b" / "m.resume.pt", weights_only=True)["epoch"] == 2
     monkeypatch.setattr(trainer, "epoch_line", line)
@@ -247,8 +249,8 @@ def test_lr_sweep_uses_the_chosen_loss_with_mixing(tmp_path, monkeypatch):
     args = args_for("--model", "best", "--loss", "logit-adjusted", "--lr-sweep", "0.01", "--sweep-steps", "2",
                     "--batch-size", "8", "--figures", str(tmp_path))
     images, labels = torch.rand(32, 3, 32, 32) * 2 - 1, torch.tensor([0] * 20 + [1] * 4 + [2] * 8)
-    trainer.lr_sweep(images, labels, args, torch.device("cpu"))
-    assert len(seen) == 2 and torch.allclose(seen[0], trainer.label_log_prior(labels))
+    lr_sweep.lr_sweep(args.lr_sweep, args.sweep_steps, trainer.sweep_runs(images, labels, args, "cpu"), args.figures)
+    assert len(seen) == 2 and torch.allclose(seen[0], treatments.label_log_prior(labels))
     assert (tmp_path / "lr_sweep.json").exists()
 
 

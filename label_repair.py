@@ -1,0 +1,230 @@
+"""Label repair for trainer.py --fix-labels: find the training images whose given label is probably wrong.
+
+    --fix-labels auto    K-fold out-of-fold probabilities, then confident learning (cleanlab)
+    --fix-labels FILE    your own JSON list of {"index": i, "label": "cat" | 2 | null}
+    --fix-labels none    the labels as given
+
+Confident learning flags an image when its out-of-fold probability for another class beats
+that class's own typical confidence (Northcutt et al. 2021). A flagged pair of classes is
+acted on only when the confusion runs one way (directional_pairs): label noise, cats filed
+as "car", runs one way; a model that mixes up cars and trucks errs both ways.
+"""
+import collections
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cli import UserError, atomic_write, int_in, pyplot, save_figure
+from dataset import CLASSES, class_counts
+from images import to_unit
+from models import predict
+from untrusted import read_input_file
+
+
+def add_repair_args(parser, fold_models):
+    """The --fix-labels and --repair-* flags; fold_models names the recipes --repair-model may pick."""
+    group = parser.add_argument_group("label repair")
+    group.add_argument("--fix-labels", default="auto", metavar="auto|none|FILE",
+                       help="auto: find and relabel probable label errors; none: keep labels; FILE: JSON list of "
+                            "{index, label} corrections (default: auto)")
+    group.add_argument("--repair-folds", type=int_in(2, 100), default=4,
+                       help="cross-validation folds for --fix-labels auto (default: 4)")
+    group.add_argument("--repair-epochs", type=int_in(1, 10_000),
+                       help="epochs per fold model for --fix-labels auto (default: 8 simple, 10 best)")
+    group.add_argument("--repair-model", choices=fold_models, default="simple",
+                       help="fold model of --fix-labels auto: simple (fast) or best (the --model best recipe: "
+                            "better repair, minutes longer) (default: simple)")
+    group.add_argument("--repair-action", choices=("relabel", "drop"), default="relabel",
+                       help="what to do with the images found (default: relabel)")
+    group.add_argument("--repair-pairs", choices=("directional", "all"), default="directional",
+                       help="directional: act only on one-way confusions (label noise), not on classes the "
+                            "model mixes up both ways; all: act on every flag (default: directional)")
+
+
+def check_repairable(labels, args):
+    """Automatic repair needs every class in every fold: refuse up front, not inside scikit-learn."""
+    if args.fix_labels != "auto":
+        return
+    counts = dict(zip(CLASSES, class_counts(labels)))
+    short = {name: n for name, n in counts.items() if n < args.repair_folds}
+    if short:
+        shown = ", ".join(f"{name} {n}" for name, n in short.items())
+        raise UserError(f"--fix-labels auto with {args.repair_folds} folds needs at least {args.repair_folds} "
+                        f"images of each class, and {args.data} has {shown}; use fewer --repair-folds or "
+                        "--fix-labels none")
+
+
+def out_of_fold_probabilities(images, labels, folds, seed, train_fold, device):
+    """Predicted probabilities for every training image from a model that never trained on it.
+
+    train_fold(images, labels, name) returns a model trained on one fold's training part.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    probs = torch.zeros(len(labels), len(CLASSES))
+    start = time.time()
+    for k, (train_idx, held_idx) in enumerate(splits.split(labels.numpy(), labels.numpy())):
+        train_idx, held_idx = torch.from_numpy(train_idx), torch.from_numpy(held_idx)
+        try:
+            model = train_fold(images[train_idx], labels[train_idx], f"fold{k + 1}")
+        except FloatingPointError as e:
+            raise UserError(f"label repair: fold model {k + 1} diverged ({e}); use --repair-model simple, or "
+                            "--fix-labels none") from None
+        probs[held_idx] = predict(model, images[held_idx], device, flip=True, probabilities=True)
+        print(f"  fold {k + 1}/{folds}: held-out agreement with given labels "
+              f"{(probs[held_idx].argmax(1) == labels[held_idx]).float().mean():.3f} "
+              f"({time.time() - start:.0f}s)", file=sys.stderr)
+    return probs
+
+
+def find_label_issues(labels, probs):
+    """Confident learning (cleanlab): indices whose given label is probably wrong, most certain first."""
+    from cleanlab.filter import find_label_issues as cleanlab_find
+
+    return torch.from_numpy(
+        cleanlab_find(labels.numpy(), probs.numpy(), return_indices_ranked_by="self_confidence").copy()
+    ).long()
+
+
+def directional_pairs(given, suggested, class_sizes, factor=3.0):
+    """Which flagged (given -> suggested) pairs look like label noise rather than model confusion.
+
+    A classifier that mixes up two classes (car and truck) is wrong both ways, and relabeling
+    those flags teaches it the confusion; label noise (cats filed as "car") runs one way. A
+    pair passes when its flag rate (flags / images given that label) is at least `factor`
+    times the rate of the reverse pair, and so is its count of flags. The count matters for
+    strong fold models: their few errors on a rare class (30 of 400 trucks taken for cars)
+    are a high rate against the reverse (80 of 4,600 cars taken for trucks) but no majority
+    of the flags. Returns a [C, C] boolean matrix.
+    """
+    num_classes = len(class_sizes)
+    flags = torch.zeros(num_classes, num_classes)
+    flags.index_put_((given, suggested), torch.ones(len(given)), accumulate=True)
+    rate = flags / class_sizes.clamp(min=1).float()[:, None]
+    return (flags > 0) & (rate >= factor * rate.T) & (flags >= factor * flags.T)
+
+
+def find_label_repairs(labels, probs, pairs="directional"):
+    """Flag probable label errors; return (indices, suggested labels, confidence, act mask)."""
+    issues = find_label_issues(labels, probs)
+    suggested = probs[issues].argmax(1)
+    confidence = probs[issues, suggested]
+    if pairs == "all":
+        act = torch.ones(len(issues), dtype=torch.bool)
+    else:
+        sizes = torch.tensor(class_counts(labels))
+        act = directional_pairs(labels[issues], suggested, sizes)[labels[issues], suggested]
+    return issues, suggested, confidence, act
+
+
+def read_corrections(path, n):
+    """A hand-made list of corrections: [{"index": i, "label": "cat" | 2 | null}, ...]; null drops the image.
+
+    Strict on purpose: an index of 1.9 or a label of true is a mistake to report, not a value
+    to truncate, and an index listed twice would silently keep only one of the two labels.
+    """
+    where = f"--fix-labels {path}"
+    data = read_input_file(path, "label corrections")
+    try:
+        entries = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{where}: not valid JSON ({' '.join(str(e).split())[:100]})") from None
+    if isinstance(entries, dict) and isinstance(entries.get("issues"), list):  # our own label_issues.json
+        try:
+            entries = [{"index": e["index"], "label": e["suggested"]} for e in entries["issues"]
+                       if e.get("acted", True) is not False]
+        except (TypeError, KeyError, AttributeError):
+            raise UserError(f"{where}: a label_issues.json whose issues lack index or suggested") from None
+    if not isinstance(entries, list):
+        raise UserError(f"{where}: expected a list of {{\"index\": i, \"label\": name}} entries")
+    fixes, seen = {}, {}
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"index", "label"}:
+            raise UserError(f"{where}: entry {k} must be an object with exactly the keys index and label")
+        index, label = entry["index"], entry["label"]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+            raise UserError(f"{where}: entry {k}: index {json.dumps(index)} is not a whole number from 0 to {n - 1}")
+        if isinstance(label, str) and label in CLASSES:
+            label = CLASSES.index(label)
+        elif label is not None and not (isinstance(label, int) and not isinstance(label, bool)
+                                        and 0 <= label < len(CLASSES)):
+            raise UserError(f"{where}: entry {k}: label {json.dumps(label)} is not one of {', '.join(CLASSES)}, "
+                            "0-2, or null (drop the image)")
+        if index in seen:
+            raise UserError(f"{where}: entries {seen[index]} and {k} both correct image {index}; keep one")
+        seen[index] = k
+        fixes[index] = label
+    return fixes
+
+
+def plot_flagged(images, given, suggested, confidence, path, limit=40):
+    plt = pyplot()
+
+    n = min(limit, len(given))
+    cols = 8
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k in range(n):
+        ax = axes.flat[k]
+        ax.imshow(to_unit(images[k]).permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_title(f"{CLASSES[given[k]]}\u2192{CLASSES[suggested[k]]}\n{confidence[k]:.2f}", fontsize=8)
+    fig.suptitle(f"Probable label errors (given \u2192 suggested, confidence); {n} of {len(given)} shown")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def repair_labels(images, labels, args, device, train_fold):
+    """Apply --fix-labels; return (labels to train on, mask of images to keep).
+
+    train_fold(images, labels, name) trains one fold model of --fix-labels auto.
+    """
+    labels, keep = labels.clone(), torch.ones(len(labels), dtype=torch.bool)
+    if args.fix_labels == "none":
+        return labels, keep
+    if args.fix_labels != "auto":
+        fixes = read_corrections(args.fix_labels, len(labels))
+        for index, label in fixes.items():
+            if label is None:
+                keep[index] = False
+            else:
+                labels[index] = label
+        print(f"Applied {len(fixes)} label corrections from {args.fix_labels} "
+              f"({int((~keep).sum())} images dropped)", file=sys.stderr)
+        return labels, keep
+
+    start = time.time()
+    print(f"Label repair: {args.repair_folds}-fold out-of-fold predictions "
+          f"({args.repair_model} fold models, {args.repair_epochs} epochs per fold) ...", file=sys.stderr)
+    probs = out_of_fold_probabilities(images, labels, args.repair_folds, args.seed, train_fold, device)
+    issues, suggested, confidence, act = find_label_repairs(labels, probs, args.repair_pairs)
+    report = {
+        "method": f"confident learning (cleanlab) on {args.repair_folds}-fold out-of-fold probabilities; "
+                  f"acting on {args.repair_pairs} pairs",
+        "action": args.repair_action,
+        "flagged": len(issues),
+        "acted_on": int(act.sum()),
+        "issues": [
+            {"index": i, "given": CLASSES[labels[i]], "suggested": CLASSES[s], "confidence": round(c, 4), "acted": a}
+            for i, s, c, a in zip(issues.tolist(), suggested.tolist(), confidence.tolist(), act.tolist())
+        ],
+    }
+    figures = Path(args.figures)
+    atomic_write(figures / "label_issues.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+    fix, to = issues[act], suggested[act]
+    plot_flagged(images[fix], labels[fix].tolist(), to.tolist(), confidence[act].tolist(), figures / "label_issues.png")
+    pairs = collections.Counter(f"{CLASSES[g]}->{CLASSES[s]}" + ("" if a else " (kept)")
+                                for g, s, a in zip(labels[issues].tolist(), suggested.tolist(), act.tolist()))
+    print(f"Label repair: {len(issues)} flagged {dict(pairs)} in {time.time() - start:.0f}s; "
+          f"{args.repair_action} {len(fix)} (list: {figures / 'label_issues.json'})", file=sys.stderr)
+    if args.repair_action == "relabel":
+        labels[fix] = to
+    else:
+        keep[fix] = False
+    return labels, keep

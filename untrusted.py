@@ -1,0 +1,462 @@
+"""Reading files that may come from anyone: no code runs, nothing runs away, nothing hangs.
+
+Every data pickle, checkpoint, resume state and image file crosses this boundary:
+
+* the torch-version gate: torch.load(weights_only=True) is only trusted on a torch without
+  known bypasses;
+* read_input_file: regular files only (a FIFO or /dev/zero would block or never end);
+* a restricted unpickler that resolves only allowlisted globals, with a budget that keeps
+  what a file makes the loader materialize within the file's own size;
+* a bounded reader of torch's legacy (non-zip) serialization, whose storages may not claim
+  more bytes than the file holds;
+* zip checkpoints: stored entries only, claimed sizes within the file, checksums valid, then
+  torch.load(weights_only=True);
+* checkpoint contents: a state_dict of finite, plain tensors that fits the model.
+
+What a file *means* (the course's list of (image, label), a resume state) is checked by the
+module that reads it; this one guarantees that reading it is safe.
+"""
+import codecs
+import collections
+import io
+import os
+import pickle
+import re
+import stat
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from cli import UserError
+
+# torch.load(weights_only=True) is the boundary every zip checkpoint crosses. It had published
+# bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
+# (memory corruption from crafted SETITEM opcodes or storage sizes, fixed in 2.10.0).
+MIN_SAFE_TORCH = (2, 10)
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def torch_version_tuple(version):
+    """(major, minor) of a version string such as '2.14.1+cu128'."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def require_safe_torch():
+    """Refuse to run on a torch whose safe loader has known bypasses."""
+    if torch_version_tuple(torch.__version__) < MIN_SAFE_TORCH:
+        need = ".".join(map(str, MIN_SAFE_TORCH))
+        raise UserError(
+            f"torch {torch.__version__} is too old to load files safely (its weights_only loader has known "
+            f"bypasses: CVE-2025-32434, CVE-2026-24747); upgrade to torch >= {need}: "
+            "pip install -r requirements.txt"
+        )
+
+
+def read_input_file(path, what, hint=""):
+    """The bytes of a regular file, or one UserError line saying why not.
+
+    Folders, FIFOs and devices are refused: reading a FIFO blocks until a writer appears,
+    and /dev/zero never ends. The type is checked on the opened descriptor (opened
+    non-blocking), so the file cannot be swapped for a FIFO between the check and the read.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what} file{hint}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a {what} file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot open {what} file ({e.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{path}: is a folder, expected a {what} file")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{path}: not a regular file (a pipe, socket or device), expected a {what} file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# The restricted unpickler and its budget
+
+
+class UnsafeFile(Exception):
+    """A file that names something it may not (code, an unknown type) or claims more than it holds."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allowlisted globals.
+
+    Reads from the file's bytes in memory. A BINBYTES opcode that declares more than the file
+    holds fails as truncated; before that, Python's C unpickler reserves the declared length
+    (untouched address space, not memory), which under an address-space limit is a
+    MemoryError, reported like any other broken file.
+    """
+
+    def __init__(self, file, allowed, what, persistent_load=None):
+        super().__init__(file)
+        self.allowed, self.what = allowed, what
+        if persistent_load is not None:
+            self.persistent_load = persistent_load
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise UnsafeFile(f"it refers to {module}.{name}, which a {self.what} never holds "
+                             "(loading it could run code)") from None
+
+
+class Budget:
+    """Bytes a file may make the loader materialize, per kind: no more than the file holds."""
+
+    def __init__(self, limit):
+        self.limit, self.used = limit, collections.Counter()
+
+    def take(self, kind, nbytes):
+        self.used[kind] += nbytes
+        if self.used[kind] > self.limit:
+            raise UnsafeFile(f"it would expand to more than its own size ({self.limit:,} bytes) of {kind}; "
+                             "a course data pickle never does")
+
+
+# Each tensor object is charged this many bytes of the file: an image takes 12,288 bytes of
+# pickled data and a label tensor about 400, so no real file comes near it, while a file
+# that rebuilds one shared storage millions of times (a few bytes of pickle each) runs out.
+TENSOR_OBJECT_COST = 256
+MAX_TENSOR_DIMS = 8
+
+
+class _Storage:
+    """A storage read from a file: a 1-D tensor that tensors may view, within its bounds."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class _StorageType:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+_STORAGE_TYPES = {
+    f"{name}Storage": _StorageType(dtype) for name, dtype in (
+        ("Float", torch.float32), ("Double", torch.float64), ("Half", torch.float16),
+        ("BFloat16", torch.bfloat16), ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16),
+        ("Char", torch.int8), ("Byte", torch.uint8), ("Bool", torch.bool),
+    )
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy (non-zip) serialization
+_LEGACY_PROTOCOL = 1001
+
+
+def whole(value):
+    """A Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stands in for torch._utils._rebuild_tensor(_v2): a view of a storage read from the file,
+    after checking that every element it reaches lies inside that storage."""
+    if not isinstance(storage, _Storage):
+        raise UnsafeFile("a tensor is built from something that is not a storage")
+    size, stride = tuple(size) if isinstance(size, (tuple, list)) else size, \
+        tuple(stride) if isinstance(stride, (tuple, list)) else stride
+    if not (whole(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) <= MAX_TENSOR_DIMS
+            and all(whole(v) and v >= 0 for v in (*size, *stride))):
+        raise UnsafeFile(f"a tensor has an invalid layout (offset {offset!r}, size {size!r}, stride {stride!r})")
+    n = storage.tensor.numel()
+    if all(size):
+        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+        if last >= n:
+            raise UnsafeFile(f"a tensor of size {list(size)} reaches element {last} of a storage of {n} elements")
+    elif offset > n:
+        raise UnsafeFile(f"a tensor starts at element {offset} of a storage of {n} elements")
+    if backward_hooks or metadata:
+        raise UnsafeFile("a tensor carries autograd hooks or Python attributes")
+    tensor = storage.tensor.as_strided(size, stride, offset)
+    if requires_grad is True and tensor.is_floating_point():
+        tensor.requires_grad_(True)  # reported with its item index by the validation
+    elif requires_grad is not False:
+        raise UnsafeFile(f"a tensor has requires_grad={requires_grad!r}")
+    return tensor
+
+
+def rebuild_parameter(data, requires_grad, backward_hooks, *extra):
+    """torch._utils._rebuild_parameter: a state_dict saved from named_parameters() holds these."""
+    if backward_hooks or extra and extra[0]:
+        raise UnsafeFile("a parameter carries autograd hooks or Python attributes")
+    return data
+
+
+def tensor_globals(budget):
+    """The globals a pickled tensor needs (rebuilt within bounds), each tensor charged to budget."""
+
+    def rebuild_tensor(*args):
+        budget.take("tensor objects", TENSOR_OBJECT_COST)
+        return _rebuild_tensor(*args)
+
+    return {
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): rebuild_tensor,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+
+def read_legacy_torch(data, allowed, what):
+    """The object in torch's legacy (non-zip) serialization format, read within bounds.
+
+    The layout: pickles of a magic number, a protocol version and system info; the object,
+    whose storages are persistent ids (type, key, location, element count); the list of
+    storage keys; then per storage an int64 element count and the raw little-endian bytes.
+    torch's own reader allocates each storage at the count it declares before reading its
+    data, so a few bytes can demand gigabytes; here the declared sizes together may not
+    exceed the file's size, and each storage's data must match its declaration exactly.
+    """
+    f = io.BytesIO(data)
+
+    def plain_pickle():
+        return RestrictedUnpickler(f, {}, what).load()
+
+    try:
+        torch_format = plain_pickle() == _LEGACY_MAGIC and plain_pickle() == _LEGACY_PROTOCOL
+    except Exception:  # anything else at the start of the file
+        torch_format = False
+    if not torch_format:
+        raise UnsafeFile("not in torch's serialization format")
+    info = plain_pickle()
+    if not isinstance(info, dict) or info.get("little_endian") is not True:
+        raise UnsafeFile("written on a big-endian machine or with unknown system info; not supported")
+    storages, claimed = {}, 0
+
+    def persistent_load(saved_id):
+        nonlocal claimed
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 6 and saved_id[0] == "storage"):
+            raise UnsafeFile(f"unknown persistent object {str(saved_id)[:60]}")
+        _, kind, key, _location, numel, view = saved_id  # location is ignored: data always lands on the CPU
+        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not whole(numel) or numel < 0:
+            raise UnsafeFile("a storage has an invalid declaration")
+        if view is not None:
+            raise UnsafeFile("storage views are not supported")
+        if key in storages:
+            known = storages[key].tensor
+            if known.dtype != kind.dtype or known.numel() != numel:
+                raise UnsafeFile(f"storage {key} is declared twice, differently")
+            return storages[key]
+        nbytes = numel * kind.dtype.itemsize
+        claimed += nbytes
+        if claimed > len(data):
+            raise UnsafeFile(f"its storages claim {claimed:,} bytes but the {what} is only {len(data):,} bytes")
+        storages[key] = _Storage(torch.empty(numel, dtype=kind.dtype))
+        return storages[key]
+
+    obj = RestrictedUnpickler(f, {**allowed, **{("torch", n): t for n, t in _STORAGE_TYPES.items()}}, what,
+                              persistent_load).load()
+    keys = plain_pickle()
+    if not isinstance(keys, list) or sorted(keys) != sorted(storages) or len(set(keys)) != len(keys):
+        raise UnsafeFile("its list of storages does not match the storages it uses")
+    for key in keys:
+        tensor = storages[key].tensor
+        count = int.from_bytes(f.read(8), "little", signed=True)
+        if count != tensor.numel():
+            raise UnsafeFile(f"storage {key} declares {tensor.numel()} elements but its data says {count}")
+        nbytes = count * tensor.element_size()
+        raw = f.read(nbytes)
+        if len(raw) != nbytes:
+            raise UnsafeFile(f"storage {key} is truncated ({len(raw)} of {nbytes} bytes)")
+        if nbytes:
+            tensor.view(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    if f.read(1):
+        raise UnsafeFile("unexpected bytes after the last storage")
+    return obj
+
+
+def _pickled_tensor_globals(budget):
+    """Everything a pickle.dump of tensors, lists, tuples and ints needs, and nothing else, within the budget."""
+
+    def latin1_encode(text, encoding="latin1"):
+        # Pickle protocols 0-2 write bytes as _codecs.encode(str, 'latin1'); other codecs
+        # ('hex', 'base64', nested) would let a few bytes expand without bound.
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise UnsafeFile(f"it encodes {type(text).__name__} data with codec {encoding!r}")
+        budget.take("decoded bytes", len(text))
+        return codecs.encode(text, "latin1")
+
+    def load_storage_bytes(data):
+        # Stands in for torch.storage._load_from_bytes, which would unpickle with weights_only=False.
+        if not isinstance(data, bytes):
+            raise UnsafeFile("a storage is not stored as bytes")
+        budget.take("tensor data", len(data))
+        storage = read_legacy_torch(data, {}, "tensor storage")
+        if not isinstance(storage, _Storage):
+            raise UnsafeFile("a storage blob holds something other than one storage")
+        return storage
+
+    return {
+        **tensor_globals(budget),
+        ("torch.storage", "_load_from_bytes"): load_storage_bytes,
+        ("_codecs", "encode"): latin1_encode,
+    }
+
+
+def read_pickle(path, what, hint=""):
+    """The object in a pickle.dump() file of tensors, ints, lists and tuples, loaded without running code.
+
+    Memory stays bounded by the file: decoded bytes, tensor data and tensor objects may each
+    total at most the file's size. Returns (object, the file's size in bytes).
+    """
+    data = read_input_file(path, what, hint)
+    if data[:4] == ZIP_MAGIC:
+        raise UserError(f"{path}: a torch.save() zip archive, not a course {what} pickle (a pickle.dump of a list "
+                        "of (image, label) tuples)")
+    budget = Budget(len(data))
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(data), _pickled_tensor_globals(budget), f"course {what} pickle").load()
+    except UnsafeFile as e:
+        raise UserError(f"{path}: refused: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: refused: nested too deeply for a course {what} pickle") from None
+    except Exception as e:  # a broken file can fail inside unpickling in many ways; all mean the same
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path}: unreadable or truncated {what} pickle ({type(e).__name__}: {detail})") from None
+    return obj, len(data)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and other torch.save() files
+
+
+def _check_zip(data, path):
+    """A zip checkpoint may not expand past its own size, and its checksums must hold.
+
+    torch.save stores entries uncompressed; a compressed entry could inflate without bound
+    (a zip bomb), and a CRC mismatch means bytes changed after saving (corruption that would
+    otherwise load as garbage weights).
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+            compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+            if compressed:
+                raise UserError(f"{path}: refused: compressed entries ({compressed[0]}); torch.save never "
+                                "compresses, and a compressed entry could expand without bound")
+            total = sum(e.file_size for e in entries)
+            if total > len(data):
+                raise UserError(f"{path}: refused: its entries claim {total:,} bytes but the file holds "
+                                f"{len(data):,}")
+            bad = archive.testzip()
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {e})") from None
+    if bad is not None:
+        raise UserError(f"{path}: corrupted: the checksum of {bad} does not match its data")
+
+
+def _torch_load(data, path):
+    """torch.load(weights_only=True) on a checked zip checkpoint, with torch's errors in one line.
+
+    Gated here as well as at every script's start, so that the course API (SimpleModel().load)
+    never trusts an old torch's loader either.
+    """
+    require_safe_torch()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-line error below already says what went wrong
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+            raise UserError(f"{path}: refused: the file holds objects other than tensors, and loading them "
+                            "could run code; only weight checkpoints are accepted") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle)") from None
+    except Exception as e:  # torch raises many types for corrupt files
+        first = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def read_torch_file(path, what):
+    """The object in a torch.save() zip file, loaded weights-only within the zip checks above."""
+    data = read_input_file(path, what)
+    if data[:4] != ZIP_MAGIC:
+        raise UserError(f"{path}: not a {what} written by torch.save")
+    _check_zip(data, path)
+    return _torch_load(data, path)
+
+
+def read_checkpoint(path, architectures):
+    """(state_dict, arch or None) from a checkpoint file, loaded without running code from it.
+
+    Accepts the course format {'model_state_dict': state}, an 'arch'-tagged dict, or a bare
+    state_dict; zip (torch >= 1.6) or legacy serialization. arch, when present, must be one
+    of architectures.
+    """
+    data = read_input_file(path, "checkpoint")
+    if data[:4] == ZIP_MAGIC:
+        _check_zip(data, path)
+        ckpt = _torch_load(data, path)
+    else:
+        try:
+            # What a legacy checkpoint may name: tensors, parameters, ordered dicts.
+            allowed = {**tensor_globals(Budget(len(data))), ("torch._utils", "rebuild_parameter"): rebuild_parameter}
+            ckpt = read_legacy_torch(data, allowed, "checkpoint")
+        except UnsafeFile as e:
+            if "serialization format" in str(e):
+                raise UserError(f"{path}: not a PyTorch checkpoint") from None
+            raise UserError(f"{path}: refused: {e}") from None
+        except Exception as e:  # broken bytes fail inside unpickling in many ways
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
+        state, arch = ckpt["model_state_dict"], ckpt.get("arch")
+    else:
+        state, arch = ckpt, None
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict of tensors")
+    if arch is not None and (not isinstance(arch, str) or arch not in architectures):
+        raise UserError(f"{path}: unknown architecture {str(arch)[:40]!r} (known: {', '.join(architectures)})")
+    return state, arch
+
+
+def _describe_mismatch(model, state):
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {list(state[k].shape)} != {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts)
+
+
+def check_state_dict(model, state, where):
+    """Refuse a state_dict that does not fit model or holds non-finite or wrongly typed values."""
+    mismatch = _describe_mismatch(model, state)
+    if mismatch:
+        raise UserError(f"{where}: not a {type(model).__name__} checkpoint: {mismatch}")
+    for key, expected in model.state_dict().items():
+        value = state[key]
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            raise UserError(f"{where}: tensor {key} is not a plain dense tensor ({value.layout}, {value.device})")
+        if expected.is_floating_point():
+            if not value.is_floating_point():
+                raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected floating point")
+            if not torch.isfinite(value).all():
+                raise UserError(f"{where}: tensor {key} holds NaN or infinite values: the checkpoint is corrupted "
+                                "or comes from a diverged run")
+        elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected {expected.dtype}")
