@@ -31,6 +31,13 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+def clip(text, limit=40):
+    """text for an error message: at most `limit` characters of it, and its length when cut. A flag or
+    file can hold megabytes; the one error line should not."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def run_main(main):
     """Run a script's main(): user mistakes become one 'error:' line and a non-zero exit status."""
     from untrusted import require_safe_torch  # untrusted.py imports this module
@@ -66,6 +73,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(**kwargs)
 
     def error(self, message):
+        # argparse quotes a bad value in full (an invalid choice, an unknown argument): cut long ones.
+        message = re.sub(r"\S{61,}", lambda m: clip(m[0]), message)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -77,9 +86,9 @@ def int_in(low, high=None):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {clip(text)!r}") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {clip(text)}")
         return value
 
     parse.__name__ = "whole number"
@@ -101,10 +110,10 @@ def float_in(low, high=math.inf, low_open=False, high_open=False):
             try:
                 value = float(fractions.Fraction(text))
             except (ValueError, ZeroDivisionError):
-                raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}") from None
+                raise argparse.ArgumentTypeError(f"expected a number in {span}, got {clip(text)!r}") from None
         inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
         if not math.isfinite(value) or not inside:
-            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {clip(text)}")
         return value
 
     parse.__name__ = "number"
@@ -123,7 +132,7 @@ def pick_device(name=None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", str(name))
     if not match or (match[1] == "cpu" and match[2] is not None):
-        raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+        raise UserError(f"--device {clip(name)!r}: expected cpu, cuda, cuda:N or auto")
     if match[1] == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: torch sees no CUDA GPU; use --device cpu")

@@ -18,6 +18,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -25,7 +26,7 @@ from cli import ArgumentParser, UserError, atomic_write, check_output_dir, int_i
 from images import (
     IMAGE_EXTENSIONS, from_unit, image_pixels, list_folder, load_image_folder, to_unit,
 )
-from untrusted import read_pickle, whole
+from untrusted import describe, read_cifar_batch, read_pickle, whole
 
 CLASSES = ("car", "truck", "cat")
 # CIFAR-10 folder names and label ids of the three classes, in the project's label order.
@@ -50,20 +51,14 @@ IMAGE_BYTES = 3 * 32 * 32 * 4
 # Reading and writing course pickles
 
 
-def _describe(value):
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
 def _check_label(label, where):
     """A course label: a Python int 0-2, or a 0-d integer tensor holding one."""
     if isinstance(label, torch.Tensor):
         if label.dim() != 0 or label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
-            raise UserError(f"{where}: label is {_describe(label)}, expected an int 0 (car), 1 (truck) or 2 (cat)")
+            raise UserError(f"{where}: label is {describe(label)}, expected an int 0 (car), 1 (truck) or 2 (cat)")
         label = int(label)
     if not whole(label) or label not in (0, 1, 2):
-        raise UserError(f"{where}: label {str(repr(label))[:40]} ({type(label).__name__}) is not an int "
+        raise UserError(f"{where}: label {describe(label)} ({type(label).__name__}) is not an int "
                         "0 (car), 1 (truck) or 2 (cat)")
     return label
 
@@ -78,10 +73,10 @@ def _check_items(items, path, file_size):
     for i, item in enumerate(items):
         where = f"{path}: item {i}"
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise UserError(f"{where} is not an (image, label) pair (found {_describe(item)})")
+            raise UserError(f"{where} is not an (image, label) pair (found {describe(item)})")
         image, label = item
         if not isinstance(image, torch.Tensor):
-            raise UserError(f"{where}: image is {_describe(image)}, expected a float32 tensor [3, 32, 32]")
+            raise UserError(f"{where}: image is {describe(image)}, expected a float32 tensor [3, 32, 32]")
         if tuple(image.shape) != (3, 32, 32):
             raise UserError(f"{where}: image has shape {list(image.shape)}, expected [3, 32, 32]")
         if image.dtype != torch.float32:
@@ -176,8 +171,6 @@ def get_dataset_as_torch_dataset(path=TRAIN_PATH, transform=None):
 
 def un_normalize_image(img):
     """A normalized image [3, H, W] as an H x W x 3 numpy array in [0, 1], for imshow."""
-    import numpy as np
-
     if isinstance(img, torch.Tensor):
         img = img.detach().cpu().numpy()
     return np.transpose(np.asarray(img) / 2 + 0.5, (1, 2, 0))
@@ -222,15 +215,15 @@ def _find_image_tree(root):
 
 
 def _read_batches(batches_dir):
-    """CIFAR-10 python batches -> per-class uint8 tensors [n, 3, 32, 32] (train split)."""
-    from torchvision.datasets import CIFAR10
-
-    try:
-        cifar = CIFAR10(str(batches_dir.parent), train=True, download=False)
-    except RuntimeError as e:
-        raise UserError(f"{batches_dir}: CIFAR-10 batches are incomplete or corrupted ({e})") from None
-    pixels = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()
-    targets = torch.tensor(cifar.targets)
+    """CIFAR-10 python batches (data_batch_1 to 5) -> per-class uint8 tensors [n, 3, 32, 32] (train split)."""
+    paths = [batches_dir / f"data_batch_{k}" for k in range(1, 6)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{batches_dir}: CIFAR-10 batches are incomplete ({', '.join(missing)} missing); download "
+                        "them again or use another copy")
+    batches = [read_cifar_batch(p) for p in paths]
+    pixels = torch.from_numpy(np.concatenate([b[0] for b in batches])).reshape(-1, 3, 32, 32)
+    targets = torch.tensor([label for b in batches for label in b[1]])
     return [pixels[targets == cifar_id] for cifar_id in CIFAR_IDS]
 
 
@@ -253,11 +246,14 @@ def _decode(paths):
 
 
 def _download_cifar(data_dir):
+    # torchvision's download checks the archive's MD5; the batches are then read like any local
+    # copy (read_cifar_batch), never by torchvision's CIFAR10, which would pickle.load them.
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
 
     print(f"Downloading CIFAR-10 into {data_dir}/ (about 170 MB) ...", file=sys.stderr)
     try:
-        CIFAR10(str(data_dir), train=True, download=True)
+        download_and_extract_archive(CIFAR10.url, str(data_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except Exception as e:  # urllib/ssl/socket errors all mean the same thing to the user
         raise UserError(
             f"could not download CIFAR-10 ({type(e).__name__}: {e}); offline, pass --cifar-dir DIR "

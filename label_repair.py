@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, atomic_write, int_in, pyplot, save_figure
+from cli import UserError, atomic_write, clip, int_in, pyplot, save_figure
 from dataset import CLASSES, class_counts
 from images import to_unit
 from models import predict
-from untrusted import read_input_file
+from untrusted import describe, read_input_file
 
 
 def add_repair_args(parser, fold_models):
@@ -122,6 +122,13 @@ def find_label_repairs(labels, probs, pairs="directional"):
     return issues, suggested, confidence, act
 
 
+def _as_written(value):
+    """A JSON value as the file wrote it, or described when it is long or deep."""
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and value.bit_length() <= 128):
+        return json.dumps(value)
+    return json.dumps(clip(value)) if isinstance(value, str) else describe(value)
+
+
 def read_corrections(path, n):
     """A hand-made list of corrections: [{"index": i, "label": "cat" | 2 | null}, ...]; null drops the image.
 
@@ -132,7 +139,7 @@ def read_corrections(path, n):
     data = read_input_file(path, "label corrections")
     try:
         entries = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ints past 4,300 digits
         raise UserError(f"{where}: not valid JSON ({' '.join(str(e).split())[:100]})") from None
     if isinstance(entries, dict) and isinstance(entries.get("issues"), list):  # our own label_issues.json
         try:
@@ -148,12 +155,12 @@ def read_corrections(path, n):
             raise UserError(f"{where}: entry {k} must be an object with exactly the keys index and label")
         index, label = entry["index"], entry["label"]
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
-            raise UserError(f"{where}: entry {k}: index {json.dumps(index)} is not a whole number from 0 to {n - 1}")
+            raise UserError(f"{where}: entry {k}: index {_as_written(index)} is not a whole number from 0 to {n - 1}")
         if isinstance(label, str) and label in CLASSES:
             label = CLASSES.index(label)
         elif label is not None and not (isinstance(label, int) and not isinstance(label, bool)
                                         and 0 <= label < len(CLASSES)):
-            raise UserError(f"{where}: entry {k}: label {json.dumps(label)} is not one of {', '.join(CLASSES)}, "
+            raise UserError(f"{where}: entry {k}: label {_as_written(label)} is not one of {', '.join(CLASSES)}, "
                             "0-2, or null (drop the image)")
         if index in seen:
             raise UserError(f"{where}: entries {seen[index]} and {k} both correct image {index}; keep one")

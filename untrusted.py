@@ -19,6 +19,7 @@ module that reads it; this one guarantees that reading it is safe.
 import codecs
 import collections
 import io
+import math
 import os
 import pickle
 import re
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
+from cli import UserError, clip
 
 # torch.load(weights_only=True) is the boundary every zip checkpoint crosses. It had published
 # bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
@@ -85,6 +86,25 @@ def read_input_file(path, what, hint=""):
         os.close(fd)
 
 
+def describe(value):
+    """value in a few words for an error message, whatever a file put there: a number of 5,000
+    digits, a string of megabytes or a list nested 200,000 deep is described, never printed
+    in full and never walked."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 128:  # str() of a huge int is slow, and refused past 4,300 digits
+            return f"a number of about {round(value.bit_length() * math.log10(2)):,} digits"
+        return str(value)
+    if isinstance(value, (str, bytes)):
+        return repr(clip(value) if isinstance(value, str) else value[:40])
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value):,} items"
+    return f"a {type(value).__name__}"
+
+
 # ---------------------------------------------------------------------------
 # The restricted unpickler and its budget
 
@@ -99,11 +119,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     Reads from the file's bytes in memory. A BINBYTES opcode that declares more than the file
     holds fails as truncated; before that, Python's C unpickler reserves the declared length
     (untouched address space, not memory), which under an address-space limit is a
-    MemoryError, reported like any other broken file.
+    MemoryError, reported like any other broken file. encoding="bytes" reads Python 2's
+    strings as bytes (CIFAR-10's batches were written by Python 2).
     """
 
-    def __init__(self, file, allowed, what, persistent_load=None):
-        super().__init__(file)
+    def __init__(self, file, allowed, what, persistent_load=None, encoding="ASCII"):
+        super().__init__(file, encoding=encoding)
         self.allowed, self.what = allowed, what
         if persistent_load is not None:
             self.persistent_load = persistent_load
@@ -174,7 +195,8 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     if not (whole(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
             and len(size) == len(stride) <= MAX_TENSOR_DIMS
             and all(whole(v) and v >= 0 for v in (*size, *stride))):
-        raise UnsafeFile(f"a tensor has an invalid layout (offset {offset!r}, size {size!r}, stride {stride!r})")
+        raise UnsafeFile(f"a tensor has an invalid layout (offset {describe(offset)}, size {describe(size)}, "
+                         f"stride {describe(stride)})")
     n = storage.tensor.numel()
     if all(size):
         last = offset + sum((s - 1) * st for s, st in zip(size, stride))
@@ -188,15 +210,18 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     if requires_grad is True and tensor.is_floating_point():
         tensor.requires_grad_(True)  # reported with its item index by the validation
     elif requires_grad is not False:
-        raise UnsafeFile(f"a tensor has requires_grad={requires_grad!r}")
+        raise UnsafeFile(f"a tensor has requires_grad={describe(requires_grad)}")
     return tensor
 
 
-def rebuild_parameter(data, requires_grad, backward_hooks, *extra):
-    """torch._utils._rebuild_parameter: a state_dict saved from named_parameters() holds these."""
-    if backward_hooks or extra and extra[0]:
+def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
+    """Stands in for torch._utils._rebuild_parameter(_with_state): a dict saved from
+    named_parameters() holds Parameters; their data is the weight, as a plain tensor."""
+    if not isinstance(data, torch.Tensor) or not isinstance(requires_grad, bool):
+        raise UnsafeFile("a parameter is not built from a tensor")
+    if backward_hooks or state and state[0]:
         raise UnsafeFile("a parameter carries autograd hooks or Python attributes")
-    return data
+    return data.detach()
 
 
 def tensor_globals(budget):
@@ -242,7 +267,7 @@ def read_legacy_torch(data, allowed, what):
     def persistent_load(saved_id):
         nonlocal claimed
         if not (isinstance(saved_id, tuple) and len(saved_id) == 6 and saved_id[0] == "storage"):
-            raise UnsafeFile(f"unknown persistent object {str(saved_id)[:60]}")
+            raise UnsafeFile(f"unknown persistent object {describe(saved_id)}")
         _, kind, key, _location, numel, view = saved_id  # location is ignored: data always lands on the CPU
         if not isinstance(kind, _StorageType) or not isinstance(key, str) or not whole(numel) or numel < 0:
             raise UnsafeFile("a storage has an invalid declaration")
@@ -281,16 +306,21 @@ def read_legacy_torch(data, allowed, what):
     return obj
 
 
-def _pickled_tensor_globals(budget):
-    """Everything a pickle.dump of tensors, lists, tuples and ints needs, and nothing else, within the budget."""
+def _latin1_encode(budget):
+    """Stands in for _codecs.encode: pickle protocols 0-2 write bytes as encode(str, 'latin1'); other
+    codecs ('hex', 'base64', nested) would let a few bytes expand without bound."""
 
     def latin1_encode(text, encoding="latin1"):
-        # Pickle protocols 0-2 write bytes as _codecs.encode(str, 'latin1'); other codecs
-        # ('hex', 'base64', nested) would let a few bytes expand without bound.
         if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-            raise UnsafeFile(f"it encodes {type(text).__name__} data with codec {encoding!r}")
+            raise UnsafeFile(f"it encodes {type(text).__name__} data with codec {describe(encoding)}")
         budget.take("decoded bytes", len(text))
         return codecs.encode(text, "latin1")
+
+    return latin1_encode
+
+
+def _pickled_tensor_globals(budget):
+    """Everything a pickle.dump of tensors, lists, tuples and ints needs, and nothing else, within the budget."""
 
     def load_storage_bytes(data):
         # Stands in for torch.storage._load_from_bytes, which would unpickle with weights_only=False.
@@ -305,7 +335,7 @@ def _pickled_tensor_globals(budget):
     return {
         **tensor_globals(budget),
         ("torch.storage", "_load_from_bytes"): load_storage_bytes,
-        ("_codecs", "encode"): latin1_encode,
+        ("_codecs", "encode"): _latin1_encode(budget),
     }
 
 
@@ -330,6 +360,98 @@ def read_pickle(path, what, hint=""):
         detail = " ".join(str(e).split())[:120] or type(e).__name__
         raise UserError(f"{path}: unreadable or truncated {what} pickle ({type(e).__name__}: {detail})") from None
     return obj, len(data)
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10's python batches: pickled dicts of numpy arrays, read without numpy's unpickling
+
+# Plain integer and byte arrays only: an object array ('O') would hold pickled Python objects.
+_ARRAY_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "b1"}
+
+
+class _DtypeSpec:
+    """Stands in for numpy.dtype(code, align, copy) and its pickled state: a plain dtype, checked."""
+
+    def __init__(self, code, align=False, copy=False):
+        code = code.decode("latin1") if isinstance(code, bytes) else code
+        if not isinstance(code, str) or code not in _ARRAY_DTYPES:
+            raise UnsafeFile(f"an array has dtype {describe(code)}, not a plain integer type")
+        self.code, self.byteorder = code, "|"
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and all(v is None for v in state[2:5])):
+            raise UnsafeFile("an array's dtype has a structure (fields or subarrays)")
+        order = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]
+        if order not in ("|", "<", ">", "="):
+            raise UnsafeFile(f"an array's dtype has byte order {describe(order)}")
+        self.byteorder = order
+
+    def numpy(self):
+        import numpy as np
+
+        return np.dtype(self.code).newbyteorder(">" if self.byteorder == ">" else "<")
+
+
+class _ArraySpec:
+    """Stands in for numpy's _reconstruct(ndarray, shape, code) and the ndarray state it is given:
+    the array is built with numpy.frombuffer once its bytes are checked to match its shape."""
+
+    def __init__(self, *args):
+        self.array = None
+
+    def __setstate__(self, state):
+        import numpy as np
+
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise UnsafeFile("an array's state is not (version, shape, dtype, order, data)")
+        _, shape, dtype, fortran, raw = state
+        raw = raw.encode("latin1") if isinstance(raw, str) else raw
+        if not (isinstance(shape, tuple) and len(shape) <= MAX_TENSOR_DIMS and all(whole(n) and n >= 0 for n in shape)
+                and isinstance(dtype, _DtypeSpec) and isinstance(fortran, bool) and isinstance(raw, bytes)):
+            raise UnsafeFile("an array has an invalid shape, dtype or data")
+        dtype = dtype.numpy()
+        if math.prod(shape) * dtype.itemsize != len(raw):
+            raise UnsafeFile(f"an array of shape {list(shape)} holds {len(raw):,} bytes, not "
+                             f"{math.prod(shape) * dtype.itemsize:,}")
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="))
+
+
+def read_cifar_batch(path):
+    """One of CIFAR-10's python batches (data_batch_1, ...): (pixels uint8 [N, 3072], labels [N] ints 0-9).
+
+    The batches are pickled dicts of numpy arrays. pickle.load (as torchvision uses it) would
+    let such a file call anything; here only numpy's array and dtype constructors are
+    resolved, by stand-ins that accept plain integer arrays whose bytes match their shape.
+    """
+    data = read_input_file(path, "CIFAR-10 batch")
+    budget = Budget(len(data))
+    allowed = {
+        ("numpy.core.multiarray", "_reconstruct"): _ArraySpec,  # written by numpy 1 (the CIFAR-10 files)
+        ("numpy._core.multiarray", "_reconstruct"): _ArraySpec,  # written by numpy 2
+        ("numpy", "ndarray"): None,
+        ("numpy", "dtype"): _DtypeSpec,
+        ("_codecs", "encode"): _latin1_encode(budget),
+    }
+    try:
+        batch = RestrictedUnpickler(io.BytesIO(data), allowed, "CIFAR-10 batch", encoding="bytes").load()
+    except UnsafeFile as e:
+        raise UserError(f"{path}: refused: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: refused: nested too deeply for a CIFAR-10 batch") from None
+    except Exception as e:  # a broken file can fail inside unpickling in many ways
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path}: unreadable or truncated CIFAR-10 batch ({type(e).__name__}: {detail})") from None
+    if not isinstance(batch, dict):
+        raise UserError(f"{path}: not a CIFAR-10 batch (a pickled dict with data and labels), found {describe(batch)}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    pixels, labels = batch.get("data"), batch.get("labels")
+    pixels = pixels.array if isinstance(pixels, _ArraySpec) else None
+    if pixels is None or pixels.dtype.name != "uint8" or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
+        raise UserError(f"{path}: a CIFAR-10 batch's data must be a uint8 array [N, 3072]")
+    if not (isinstance(labels, list) and len(labels) == len(pixels)
+            and all(whole(label) and 0 <= label <= 9 for label in labels)):
+        raise UserError(f"{path}: a CIFAR-10 batch's labels must be a list of {len(pixels):,} ints from 0 to 9")
+    return pixels, labels
 
 
 # ---------------------------------------------------------------------------
@@ -405,7 +527,8 @@ def read_checkpoint(path, architectures):
     else:
         try:
             # What a legacy checkpoint may name: tensors, parameters, ordered dicts.
-            allowed = {**tensor_globals(Budget(len(data))), ("torch._utils", "rebuild_parameter"): rebuild_parameter}
+            allowed = {**tensor_globals(Budget(len(data))), ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+                       ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter}
             ckpt = read_legacy_torch(data, allowed, "checkpoint")
         except UnsafeFile as e:
             if "serialization format" in str(e):
@@ -422,7 +545,7 @@ def read_checkpoint(path, architectures):
     ):
         raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict of tensors")
     if arch is not None and (not isinstance(arch, str) or arch not in architectures):
-        raise UserError(f"{path}: unknown architecture {str(arch)[:40]!r} (known: {', '.join(architectures)})")
+        raise UserError(f"{path}: unknown architecture {describe(arch)} (known: {', '.join(architectures)})")
     return state, arch
 
 

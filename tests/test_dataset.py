@@ -388,6 +388,96 @@ def test_build_refuses_corrupt_cifar_batches(tmp_path):
         build_small(tmp_path / "cifar", tmp_path / "data")
 
 
+class Py2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2's str (SHORT_BINSTRING / BINSTRING), as CIFAR-10's batches were written."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        header = pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else \
+            pickle.BINSTRING + len(obj).to_bytes(4, "little")
+        self.write(header + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
+def write_batches(folder, pixels, labels, per_batch):
+    """data_batch_1..5 in CIFAR-10's python format: {b'data': uint8 [N, 3072], b'labels': [...], ...}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(5):
+        chunk = slice(k * per_batch, (k + 1) * per_batch)
+        batch = {b"batch_label": f"training batch {k + 1} of 5".encode(), b"labels": labels[chunk],
+                 b"data": pixels[chunk].reshape(-1, 3072), b"filenames": [b"x.png"] * len(labels[chunk])}
+        out = io.BytesIO()
+        Py2Pickler(out, protocol=2).dump(batch)
+        # numpy 1, which wrote the real files, names its reconstructor numpy.core.multiarray.
+        data = out.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        (folder / f"data_batch_{k + 1}").write_bytes(data)
+
+
+@needs_cifar
+def test_real_cifar_batches_give_the_same_data_as_the_image_tree(tmp_path):
+    # The same 30 real photos per class, once as an image tree and once as python batches.
+    tree, pixels, labels = tmp_path / "tree" / "train", [], []
+    for name, cifar_id in zip(dataset.CIFAR_NAMES, dataset.CIFAR_IDS):
+        (tree / name).mkdir(parents=True)
+        for path in sorted((cifar_dir() / "train" / name).iterdir())[:30]:
+            (tree / name / path.name).symlink_to(path)
+            pixels.append(np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1))
+            labels.append(cifar_id)
+    write_batches(tmp_path / "batches" / "cifar-10-batches-py", np.stack(pixels), labels, per_batch=18)
+    counts = dict(train_counts=(10, 8, 12), dev_counts=(5, 5, 5), mislabeled=4)
+    from_tree = build_small(tmp_path / "tree", tmp_path / "a", **counts)
+    from_batches = build_small(tmp_path / "batches", tmp_path / "b", **counts)
+    for split in ("train", "dev"):
+        a, b = load_pickle(tmp_path / "a" / f"{split}.pickle"), load_pickle(tmp_path / "b" / f"{split}.pickle")
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert from_tree["mislabeled"] != [] and len(from_batches["mislabeled"]) == 4
+
+
+class Call:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def batch_folder(tmp_path, batch_1):
+    """A batches folder whose data_batch_1 holds batch_1 (bytes) and the others a valid tiny batch."""
+    folder = tmp_path / "cifar-10-batches-py"
+    write_batches(folder, np.zeros((5, 3, 32, 32), np.uint8), [1, 9, 3, 1, 9], per_batch=1)
+    (folder / "data_batch_1").write_bytes(batch_1)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case, words", [
+    ("payload", "refers to posix.system"),
+    ("object array", "dtype 'O8'"),
+    ("array claiming more than its bytes", "holds 12 bytes, not"),
+    ("labels out of range", "ints from 0 to 9"),
+    ("not a dict", "not a CIFAR-10 batch"),
+])
+def test_cifar_batches_are_read_without_running_code(tmp_path, case, words):
+    marker = tmp_path / "MARKER"
+    if case == "payload":
+        batch = pickle.dumps({b"data": Call(os.system, f"touch {marker}"), b"labels": []}, protocol=2)
+    elif case == "object array":
+        batch = pickle.dumps({b"data": np.array([None, 1], dtype=object), b"labels": [1, 1]}, protocol=2)
+    elif case == "array claiming more than its bytes":
+        batch = pickle.dumps({b"data": np.zeros((4, 3), np.uint8), b"labels": [1] * 4}, protocol=2)
+        batch = batch.replace(b"K\x04K\x03\x86", b"J\x00\x00\x00\x40K\x03\x86")  # shape (2**30, 3)
+    elif case == "labels out of range":
+        batch = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]}, protocol=2)
+    else:
+        batch = pickle.dumps([1, 2, 3], protocol=2)
+    with pytest.raises(UserError) as info:
+        build_small(batch_folder(tmp_path, batch), tmp_path / "data")
+    assert words in str(info.value) and "data_batch_1" in str(info.value), str(info.value)
+    assert not marker.exists()
+
+
 def test_build_refuses_bad_image_files(tmp_path):
     write_tree(tmp_path / "empty", {"automobile": 8, "truck": 5, "cat": 0})
     with pytest.raises(UserError, match="cat: no .jpg or .png"):
@@ -409,12 +499,12 @@ def test_build_refuses_bad_image_files(tmp_path):
 def test_build_offline_without_a_source_says_to_pass_a_local_copy(tmp_path, monkeypatch):
     import urllib.error
 
-    import torchvision.datasets
+    import torchvision.datasets.utils
 
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", no_network)
     with pytest.raises(UserError) as info:
         build_from_cifar(None, tmp_path / "data", quiet=True)
     message = str(info.value)
