@@ -41,7 +41,7 @@ from treatments import (
     TREATMENT_DEFAULTS, add_treatment_args, averaged_model, batch_loss, check_treatment_args, ema_decay,
     epoch_sampler, label_log_prior, mix_batch, new_average, update_average, validation_split,
 )
-from untrusted import check_state_dict, read_input_file, read_torch_file
+from untrusted import check_resume_state, check_training_state, read_input_file, read_torch_file
 
 # ---------------------------------------------------------------------------
 # The recipe
@@ -283,10 +283,9 @@ def run_description(args, labels, val_size, device):
 def train(train_x, train_y, dev_x, dev_y, args, device):
     state_path = resume_path(args.out)
     fingerprint = data_fingerprint(train_x, train_y)
-    state = load_resume(state_path, args, fingerprint) if args.resume else None
+    state = load_resume(state_path, args, fingerprint, len(train_y)) if args.resume else None
     if state is not None:
         all_labels, keep = state["labels"], state["keep"]
-        print(f"Resuming {state_path} after epoch {state['epoch']} of {args.epochs}", file=sys.stderr)
     else:
         try:
             all_labels, keep = repair_labels(train_x, train_y, args, device, fold_trainer(args, device))
@@ -303,22 +302,17 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     images, labels = train_x[train_idx], all_labels[train_idx]
     val_x, val_y = train_x[val_idx], all_labels[val_idx]
     warn_missing_classes(labels, "training labels")
-    print(run_description(args, labels, len(val_y), device), file=sys.stderr)
 
     model = new_model(args, images, device, "main")
-    optimizer, scheduler = make_optimizer(model, args, args.epochs * math.ceil(len(labels) / args.batch_size))
+    steps_per_epoch = math.ceil(len(labels) / args.batch_size)
+    optimizer, scheduler = make_optimizer(model, args, args.epochs * steps_per_epoch)
     average = new_average(model, args)
     history, first_epoch, best = [], 1, None
     if state is not None:
-        check_state_dict(model, state["model"], state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-        average, best = state.get("average"), state.get("best")
-        if average is not None:
-            check_state_dict(model, average, state_path)
-            average = {k: v.to(device) for k, v in average.items()}
+        history, first_epoch, average, best = restore(state, state_path, model, optimizer, scheduler, device,
+                                                      steps_per_epoch)
+        print(f"Resuming {state_path} after epoch {state['epoch']} of {args.epochs}", file=sys.stderr)
+    print(run_description(args, labels, len(val_y), device), file=sys.stderr)
 
     config = {k: getattr(args, k) for k in RUN_KEYS}
     robust_x = robust_y = None
@@ -452,24 +446,32 @@ def data_fingerprint(images, labels):
     return digest.hexdigest()
 
 
-def load_resume(path, args, fingerprint):
+def load_resume(path, args, fingerprint, n_images):
+    """The resume state at path, every field checked against this run (untrusted.check_resume_state)."""
     if not Path(path).exists():
         raise UserError(f"--resume: no resume state at {path} (start without --resume)")
     state = read_torch_file(path, "resume state")
-    needed = {"model", "optimizer", "scheduler", "epoch", "history", "labels", "keep", "config", "data_sha256"}
-    if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["config"], dict):
-        raise UserError(f"--resume: {path} is not a resume state of this trainer.py; delete it to start over")
-    changed = [k for k in RUN_KEYS if state["config"].get(k) != getattr(args, k)]
-    if changed:
-        raise UserError(f"--resume: {path} belongs to a run with other settings ({', '.join(changed)}); "
-                        "use the same flags or start without --resume")
-    if state["data_sha256"] != fingerprint:
-        raise UserError(f"--resume: {args.data} has changed since {path} was written (its stored labels belong to "
-                        "other images); restore that data or start without --resume")
-    n = len(state["labels"]) if isinstance(state["labels"], torch.Tensor) else -1
-    if not (isinstance(state["epoch"], int) and 1 <= state["epoch"] <= args.epochs and n == len(state["keep"])):
-        raise UserError(f"--resume: {path} is inconsistent (epoch or label count); delete it to start over")
+    metrics = compute_metrics([0, 1, 2], [0, 1, 2])  # what an epoch's scores look like
+    entry = {"epoch": 1, "dev": metrics, "val": metrics if args.val_fraction else None}
+    if args.adversarial != "none" and args.robust_eval:
+        entry["robust"] = {"clean": 0.0, "fgsm": 0.0, "pgd": 0.0}
+    check_resume_state(state, path, dict(
+        epochs=args.epochs, images=n_images, config={k: getattr(args, k) for k in RUN_KEYS},
+        fingerprint=fingerprint, entry=entry, best=args.select == "best-val", ema=bool(args.ema)))
     return state
+
+
+def restore(state, path, model, optimizer, scheduler, device, steps_per_epoch):
+    """Load a checked resume state into the fresh model, optimizer and scheduler; return (history,
+    first epoch, average, best)."""
+    check_training_state(state, path, model, optimizer, scheduler, steps_per_epoch)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    average = state["average"]
+    if average is not None:
+        average = {k: v.to(device) for k, v in average.items()}
+    return state["history"], state["epoch"] + 1, average, state["best"]
 
 
 # ---------------------------------------------------------------------------

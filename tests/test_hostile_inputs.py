@@ -501,6 +501,28 @@ def test_bad_flag_is_one_line_naming_it(script, args, flag, tmp_path):
     assert list(tmp_path.iterdir()) == [], "a refused run wrote files"
 
 
+HUGE = "9" * 5000
+# (script, args, the flag the line names): each value thousands of characters long
+HUGE_FLAG_CASES = {
+    "--epochs of 5,000 digits": ("trainer.py", ["--epochs", HUGE], "--epochs"),
+    "--seed of 4,000 digits": ("trainer.py", ["--seed", HUGE[:4000]], "--seed"),
+    "--lr of 5,000 digits": ("trainer.py", ["--lr", HUGE], "--lr"),
+    "--model of 5,000 letters": ("trainer.py", ["--model", "x" * 5000], "--model"),
+    "an unknown flag of 5,000 letters": ("trainer.py", ["--" + "x" * 5000], "unrecognized arguments"),
+    "--device of 5,000 letters": ("tester.py", ["--device", "x" * 5000], "--device"),
+    "--epsilons of 5,000 digits": ("adversarialExample.py", ["--epsilons", "1/" + HUGE], "--epsilons"),
+    "--mislabeled of 5,000 digits": ("dataset.py", ["build", "--mislabeled", HUGE], "--mislabeled"),
+}
+
+
+@pytest.mark.parametrize("case", list(HUGE_FLAG_CASES))
+def test_a_huge_flag_value_is_not_repeated_in_full(case, tmp_path):
+    script, args, flag = HUGE_FLAG_CASES[case]
+    result = run(script, *args, cwd=tmp_path, timeout=60)
+    assert_one_line(result, flag)
+    assert len(result.stderr) < 400, result.stderr[:400]
+
+
 # ---------------------------------------------------------------------------
 # Outputs: checked before any work
 
@@ -700,3 +722,141 @@ def test_messages_never_advise_weights_only_false(crafted, tmp_path):
     for kind in ("data", "checkpoint"):
         for outcome in crafted[kind][1].values():
             assert "weights_only=False" not in outcome
+
+
+# ---------------------------------------------------------------------------
+# Tampered resume states, made from a real short run
+
+
+RESUME_FLAGS = ["--fix-labels", "none", "--epochs", "2", "--batch-size", "64", "--val-fraction", "0.2",
+                "--select", "best-val", "--ema", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def resume_state(small_data, tmp_path_factory):
+    """A real resume state after epoch 1 of 2 (EMA, best-validation record), and the flags that made it."""
+    import trainer
+    from dataset import load_pickle
+
+    out = tmp_path_factory.mktemp("resume")
+    flags = ["--data", str(small_data / "train.pickle"), "--dev-data", str(small_data / "dev.pickle"), *RESUME_FLAGS,
+             "--out", str(out / "m.ckpt"), "--figures", str(out / "fig")]
+    line = trainer.epoch_line
+
+    def stop_in_epoch_2(epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return line(epoch, *rest)
+
+    trainer.epoch_line = stop_in_epoch_2
+    try:
+        with pytest.raises(Exception, match="interrupted"):
+            trainer.train(*load_pickle(small_data / "train.pickle"), *load_pickle(small_data / "dev.pickle"),
+                          trainer.parse_args(flags), "cpu")
+    finally:
+        trainer.epoch_line = line
+    return torch.load(out / "m.resume.pt", weights_only=True), flags
+
+
+def tamper(key, change):
+    """A change to a copy of the state: change(value) returns the new value of state[key]."""
+    return key, change
+
+
+def in_optimizer_state(name, make):
+    def change(optimizer):
+        optimizer["state"][0][name] = make(optimizer["state"][0][name])
+        return optimizer
+    return change
+
+
+def set_item(container_key, value):
+    def change(container):
+        container[container_key] = value
+        return container
+    return change
+
+
+def first_epoch(change):
+    def apply(history):
+        history[0] = change(history[0])
+        return history
+    return apply
+
+
+# name -> (words of the one-line refusal, or "ok"; the change)
+RESUME_CASES = {
+    "untouched": ("ok", None),
+    "keep as a list": ("keep is a list", tamper("keep", lambda keep: keep.tolist())),
+    "keep as integer indices": ("keep is a torch.int64 tensor", tamper("keep", lambda keep: keep.nonzero().flatten())),
+    "keep drops every image": ("keeps no image", tamper("keep", torch.zeros_like)),
+    "labels shorter than the data": ("labels is a torch.int64 tensor of shape [10]",
+                                     tamper("labels", lambda labels: labels[:10])),
+    "a label 7": ("labels holds values other than", tamper("labels", lambda labels: labels.index_fill(0, torch.tensor([3]), 7))),
+    "float labels": ("labels is a torch.float32 tensor", tamper("labels", lambda labels: labels.float())),
+    "epoch 0": ("epoch 0 is not one of 1 to 2", tamper("epoch", lambda e: 0)),
+    "epoch past the run": ("epoch 9 is not one of 1 to 2", tamper("epoch", lambda e: 9)),
+    "epoch as text": ("epoch '1' is not one of", tamper("epoch", lambda e: "1")),
+    "epoch of 5,000 digits": ("Unsupported operand", tamper("epoch", lambda e: 10**5000)),  # torch refuses it
+    "epoch of 40 digits": ("epoch a number of about 40 digits is not", tamper("epoch", lambda e: 10**40)),
+    "best of the wrong type": ("best is 'epoch 1'", tamper("best", lambda best: "epoch 1")),
+    "best scoring what no epoch scored": ("best is a dict", tamper("best", lambda best: {**best, "score": 0.99})),
+    "best from a later epoch": ("best is a dict", tamper("best", lambda best: {**best, "epoch": 2})),
+    "history too short": ("history is a list of 0 items", tamper("history", lambda history: [])),
+    "history with NaN accuracy": ("history [0] dev balanced_accuracy is nan", tamper("history", first_epoch(
+        lambda h: {**h, "dev": {**h["dev"], "balanced_accuracy": float("nan")}}))),
+    "history with accuracy 7": ("from 0 to 1", tamper("history", first_epoch(
+        lambda h: {**h, "dev": {**h["dev"], "accuracy": 7.0}}))),
+    "history with a string loss": ("history [0] is a dict", tamper("history", first_epoch(lambda h: {**h, "loss": "0.5"}))),
+    "history of another epoch": ("is not epoch 1's record", tamper("history", first_epoch(lambda h: {**h, "epoch": 5}))),
+    "other learning rate": ("other settings (lr)", tamper("config", set_item("lr", 0.5))),
+    "a tensor among the settings": ("other settings (seed)", tamper("config", set_item("seed", torch.zeros(3)))),
+    "data fingerprint of the wrong type": ("has changed", tamper("data_sha256", lambda sha: 12345)),
+    "missing key": ("is not a resume state", None),
+    "weights that are not a state_dict": ("expected a state_dict", tamper("model", lambda model: None)),
+    "average missing": ("average is missing", tamper("average", lambda average: None)),
+    "NaN in the average": ("(average): tensor fc1.weight holds NaN", tamper("average", set_item(
+        "fc1.weight", torch.full((120, 400), float("nan"))))),
+    "NaN in Adam's moments": ("optimizer state 0 exp_avg holds NaN", tamper("optimizer", in_optimizer_state(
+        "exp_avg", lambda t: torch.full_like(t, float("nan"))))),
+    "Adam's moments of the wrong shape": ("optimizer state 0 exp_avg_sq is a torch.float32 tensor of shape [3]",
+                                          tamper("optimizer", in_optimizer_state("exp_avg_sq", lambda t: torch.zeros(3)))),
+    "state of a parameter that does not exist": ("optimizer state 99 is not", tamper("optimizer", lambda o: {
+        **o, "state": {**o["state"], 99: o["state"][0]}})),
+    "NaN learning rate": ("optimizer param_groups [0] lr is nan", tamper("optimizer", lambda o: {
+        **o, "param_groups": [{**o["param_groups"][0], "lr": float("nan")}]})),
+    "other weight decay": ("param_groups [0] weight_decay is 0.5", tamper("optimizer", lambda o: {
+        **o, "param_groups": [{**o["param_groups"][0], "weight_decay": 0.5}]})),
+    "other epsilon": ("param_groups hold other settings", tamper("optimizer", lambda o: {
+        **o, "param_groups": [{**o["param_groups"][0], "eps": 0.5}]})),
+    "schedule at another step": ("scheduler stands at step 3", tamper("scheduler", set_item("last_epoch", 3))),
+    "schedule of another length": ("scheduler has other settings", tamper("scheduler", set_item("total_steps", 7))),
+    "schedule as a list": ("scheduler is a list", tamper("scheduler", lambda s: [s])),
+    "not a dict": ("is not a resume state", None),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_tampered_resume_state(case, resume_state, tmp_path):
+    import copy
+
+    state, flags = resume_state
+    words, change = RESUME_CASES[case]
+    state = copy.deepcopy(state)
+    if case == "not a dict":
+        state = [state["model"]]
+    elif case == "missing key":
+        del state["scheduler"]
+    elif change is not None:
+        key, edit = change
+        state[key] = edit(state[key])
+    flags = [f if not f.endswith("m.ckpt") else str(tmp_path / "m.ckpt") for f in flags]
+    flags = [f if not f.endswith("fig") else str(tmp_path / "fig") for f in flags]
+    torch.save(state, tmp_path / "m.resume.pt")
+    result = run("trainer.py", *flags, "--resume", cwd=tmp_path)
+    if words == "ok":
+        assert result.returncode == 0, result.stderr
+        assert "Resuming" in result.stderr and "epoch   2" in result.stderr
+    else:
+        assert_one_line(result, words)
+        assert len(result.stderr) < 600
