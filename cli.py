@@ -8,6 +8,7 @@ a file. Reading untrusted inputs is untrusted.py's job.
 """
 import argparse
 import contextlib
+import errno
 import fractions
 import math
 import os
@@ -23,6 +24,18 @@ class UserError(Exception):
     """An expected mistake by the user (bad path, bad file, bad flag): shown as one line."""
 
     exit_code = 1
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file that does not exist: one line in a script, and a FileNotFoundError (an OSError) to code
+    that calls the course's functions and catches what the course's own dataset.py raises."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.errno, self.filename = errno.ENOENT, None if path is None else str(path)
+
+    def __str__(self):
+        return self.args[0]  # the one line, not OSError's "[Errno 2] ..." form
 
 
 class Interrupted(UserError):

@@ -10,7 +10,9 @@ so training and evaluation slice batches instead of collating thousands of tenso
 
 The course's own names (MyDataset, get_dataset_as_array, get_dataset_as_torch_dataset,
 un_normalize_image, label_names) are here too, as thin wrappers over the safe loader, so
-code written against the course's dataset.py runs unchanged.
+code written against the course's dataset.py runs unchanged. Like the course's module, this
+one imports numpy as np, torch, pickle and Dataset at module level and defines no __all__:
+course code uses them after `from dataset import *`.
 """
 import json
 import os
@@ -26,7 +28,7 @@ from cli import ArgumentParser, UserError, atomic_write, check_output_dir, int_i
 from images import (
     IMAGE_EXTENSIONS, from_unit, image_pixels, list_folder, load_image_folder, to_unit,
 )
-from untrusted import describe, read_cifar_batch, read_pickle, whole
+from untrusted import PickledArray, PickledDataset, describe, read_cifar_batch, read_pickle, whole
 
 CLASSES = ("car", "truck", "cat")
 # CIFAR-10 folder names and label ids of the three classes, in the project's label order.
@@ -34,6 +36,7 @@ CIFAR_NAMES = ("automobile", "truck", "cat")
 CIFAR_IDS = (1, 9, 3)
 
 TRAIN_PATH = "data/train.pickle"
+COURSE_DEFAULT_PATH = "./data/dataset.pickle"  # the default of the course's get_dataset_as_array
 DEV_PATH = "data/dev.pickle"
 MANIFEST_NAME = "manifest.json"
 FIGURES_DIR = "figures"
@@ -52,45 +55,59 @@ IMAGE_BYTES = 3 * 32 * 32 * 4
 
 
 def _check_label(label, where):
-    """A course label: a Python int 0-2, or a 0-d integer tensor holding one."""
+    """A course label 0-2: a Python int, or what course code also writes (a numpy int, a one-element
+    integer tensor or array), as an int."""
+    if isinstance(label, PickledArray):
+        label = torch.from_numpy(label.array)
     if isinstance(label, torch.Tensor):
-        if label.dim() != 0 or label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
+        if label.numel() != 1 or label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
             raise UserError(f"{where}: label is {describe(label)}, expected an int 0 (car), 1 (truck) or 2 (cat)")
-        label = int(label)
+        label = int(label.reshape(()))
     if not whole(label) or label not in (0, 1, 2):
         raise UserError(f"{where}: label {describe(label)} ({type(label).__name__}) is not an int "
                         "0 (car), 1 (truck) or 2 (cat)")
     return label
 
 
+def _check_image(image, where):
+    """A course image: a float32 tensor [3, 32, 32], or what course code also writes (a numpy array, a
+    batch of one [1, 3, 32, 32]), as a tensor [3, 32, 32]."""
+    if isinstance(image, PickledArray):
+        image = torch.from_numpy(image.array)
+    if not isinstance(image, torch.Tensor):
+        raise UserError(f"{where}: image is {describe(image)}, expected a float32 tensor [3, 32, 32]")
+    if tuple(image.shape) not in ((3, 32, 32), (1, 3, 32, 32)):
+        raise UserError(f"{where}: image has shape {list(image.shape)}, expected [3, 32, 32]")
+    if image.dtype != torch.float32:
+        raise UserError(f"{where}: image has dtype {image.dtype}, expected torch.float32 in [-1, 1]")
+    if image.requires_grad:
+        raise UserError(f"{where}: image has requires_grad=True (autograd state); expected a plain tensor")
+    return image.reshape(3, 32, 32)
+
+
 def _check_items(items, path, file_size):
-    """Validate a loaded course list; return (images [N,3,32,32] float32, labels [N] int64)."""
+    """Validate a loaded course list (or a pickled MyDataset of one); return (images [N,3,32,32] float32,
+    labels [N] int64)."""
+    if isinstance(items, PickledDataset):
+        items = items.the_list
     if not isinstance(items, (list, tuple)):
         raise UserError(f"{path}: expected a list of (image, label) tuples, found {type(items).__name__}")
     if len(items) == 0:
         raise UserError(f"{path}: the data set is empty")
-    labels = []
+    images, labels = [], []
     for i, item in enumerate(items):
         where = f"{path}: item {i}"
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise UserError(f"{where} is not an (image, label) pair (found {describe(item)})")
-        image, label = item
-        if not isinstance(image, torch.Tensor):
-            raise UserError(f"{where}: image is {describe(image)}, expected a float32 tensor [3, 32, 32]")
-        if tuple(image.shape) != (3, 32, 32):
-            raise UserError(f"{where}: image has shape {list(image.shape)}, expected [3, 32, 32]")
-        if image.dtype != torch.float32:
-            raise UserError(f"{where}: image has dtype {image.dtype}, expected torch.float32 in [-1, 1]")
-        if image.requires_grad:
-            raise UserError(f"{where}: image has requires_grad=True (autograd state); expected a plain tensor")
-        labels.append(_check_label(label, where))
+        images.append(_check_image(item[0], where))
+        labels.append(_check_label(item[1], where))
     if len(items) * IMAGE_BYTES > file_size:
         # Each image needs its 12,288 bytes in the file; more items means images reused by reference,
         # which would make stacking allocate far more than the file holds.
         raise UserError(f"{path}: refused: {len(items):,} items would need {len(items) * IMAGE_BYTES:,} bytes of "
                         f"images but the file holds {file_size:,}; the items share data by reference, which no "
                         "course data pickle does")
-    images = torch.stack([image for image, _ in items])
+    images = torch.stack(images)
     # One pass gives both checks: NaN propagates through min and max, and inf shows up in them.
     low, high = torch.aminmax(images.flatten(1), dim=1)
     finite = torch.isfinite(low) & torch.isfinite(high)
@@ -159,12 +176,21 @@ class MyDataset(Dataset):
         return self.transform(item) if self.transform else item
 
 
-def get_dataset_as_array(path=TRAIN_PATH):
-    """The course data pickle at path as a list of (FloatTensor [3, 32, 32], int), loaded safely."""
-    return as_course_list(*load_pickle(path))
+def _course_path(path):
+    """The course's default ./data/dataset.pickle where it exists, else this project's training set."""
+    return TRAIN_PATH if path == COURSE_DEFAULT_PATH and not Path(path).exists() else path
 
 
-def get_dataset_as_torch_dataset(path=TRAIN_PATH, transform=None):
+def get_dataset_as_array(path=COURSE_DEFAULT_PATH):
+    """The course data pickle at path as a list of (FloatTensor [3, 32, 32], int), loaded safely.
+
+    The default is the course's ./data/dataset.pickle; where that file does not exist,
+    data/train.pickle is read. A missing file raises FileNotFoundError, as the course's does.
+    """
+    return as_course_list(*load_pickle(_course_path(path)))
+
+
+def get_dataset_as_torch_dataset(path=COURSE_DEFAULT_PATH, transform=None):
     """MyDataset over get_dataset_as_array(path): ready for a DataLoader."""
     return MyDataset(get_dataset_as_array(path), transform)
 

@@ -65,14 +65,17 @@ class SimpleModel(Checkpointed):
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
-        self.dropout = nn.Dropout(0.5)
+        self.dropout1 = nn.Dropout(0.5)
+        self.dropout2 = nn.Dropout(0.5)
 
     def forward(self, x):
         x = self.pool(F.relu(self.conv1(x)))
         x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = self.dropout(F.relu(self.fc1(x)))
-        x = self.dropout(F.relu(self.fc2(x)))
+        # As the course's x.view(-1, 16 * 5 * 5): one unbatched image [3, 32, 32] gives [1, 3]. reshape,
+        # not view, because the trainer runs this network in channels-last layout.
+        x = x.reshape(-1, 16 * 5 * 5)
+        x = self.dropout1(F.relu(self.fc1(x)))
+        x = self.dropout2(F.relu(self.fc2(x)))
         return self.fc3(x)
 
 

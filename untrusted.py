@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, clip
+from cli import MissingFile, UserError, clip
 
 # torch.load(weights_only=True) is the boundary every zip checkpoint crosses. It had published
 # bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
@@ -67,7 +67,7 @@ def read_input_file(path, what, hint=""):
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
-        raise UserError(f"{path}: no such {what} file{hint}") from None
+        raise MissingFile(f"{path}: no such {what} file{hint}", path) from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, expected a {what} file") from None
     except OSError as e:
@@ -130,11 +130,13 @@ class RestrictedUnpickler(pickle.Unpickler):
             self.persistent_load = persistent_load
 
     def find_class(self, module, name):
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise UnsafeFile(f"it refers to {module}.{name}, which a {self.what} never holds "
-                             "(loading it could run code)") from None
+        # ("*", name) allows a class of that name from any module: a course MyDataset may have been
+        # defined in the student's own script (__main__) as well as in dataset.py.
+        for key in ((module, name), ("*", name)):
+            if key in self.allowed:
+                return self.allowed[key]
+        raise UnsafeFile(f"it refers to {clip(module)}.{clip(name)}, which a {self.what} never holds "
+                         "(loading it could run code)")
 
 
 class Budget:
@@ -319,63 +321,21 @@ def _latin1_encode(budget):
     return latin1_encode
 
 
-def _pickled_tensor_globals(budget):
-    """Everything a pickle.dump of tensors, lists, tuples and ints needs, and nothing else, within the budget."""
-
-    def load_storage_bytes(data):
-        # Stands in for torch.storage._load_from_bytes, which would unpickle with weights_only=False.
-        if not isinstance(data, bytes):
-            raise UnsafeFile("a storage is not stored as bytes")
-        budget.take("tensor data", len(data))
-        storage = read_legacy_torch(data, {}, "tensor storage")
-        if not isinstance(storage, _Storage):
-            raise UnsafeFile("a storage blob holds something other than one storage")
-        return storage
-
-    return {
-        **tensor_globals(budget),
-        ("torch.storage", "_load_from_bytes"): load_storage_bytes,
-        ("_codecs", "encode"): _latin1_encode(budget),
-    }
-
-
-def read_pickle(path, what, hint=""):
-    """The object in a pickle.dump() file of tensors, ints, lists and tuples, loaded without running code.
-
-    Memory stays bounded by the file: decoded bytes, tensor data and tensor objects may each
-    total at most the file's size. Returns (object, the file's size in bytes).
-    """
-    data = read_input_file(path, what, hint)
-    if data[:4] == ZIP_MAGIC:
-        raise UserError(f"{path}: a torch.save() zip archive, not a course {what} pickle (a pickle.dump of a list "
-                        "of (image, label) tuples)")
-    budget = Budget(len(data))
-    try:
-        obj = RestrictedUnpickler(io.BytesIO(data), _pickled_tensor_globals(budget), f"course {what} pickle").load()
-    except UnsafeFile as e:
-        raise UserError(f"{path}: refused: {e}") from None
-    except RecursionError:
-        raise UserError(f"{path}: refused: nested too deeply for a course {what} pickle") from None
-    except Exception as e:  # a broken file can fail inside unpickling in many ways; all mean the same
-        detail = " ".join(str(e).split())[:120] or type(e).__name__
-        raise UserError(f"{path}: unreadable or truncated {what} pickle ({type(e).__name__}: {detail})") from None
-    return obj, len(data)
-
-
 # ---------------------------------------------------------------------------
-# CIFAR-10's python batches: pickled dicts of numpy arrays, read without numpy's unpickling
+# numpy arrays and scalars in pickles, and the course's MyDataset: rebuilt as data, never by numpy's
+# or the pickled class's own code
 
-# Plain integer and byte arrays only: an object array ('O') would hold pickled Python objects.
-_ARRAY_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "b1"}
+# Plain numbers only: an object array ('O') would hold pickled Python objects.
+_ARRAY_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "b1", "f2", "f4", "f8"}
 
 
 class _DtypeSpec:
-    """Stands in for numpy.dtype(code, align, copy) and its pickled state: a plain dtype, checked."""
+    """Stands in for numpy.dtype(code, align, copy) and its pickled state: a plain number type, checked."""
 
     def __init__(self, code, align=False, copy=False):
         code = code.decode("latin1") if isinstance(code, bytes) else code
         if not isinstance(code, str) or code not in _ARRAY_DTYPES:
-            raise UnsafeFile(f"an array has dtype {describe(code)}, not a plain integer type")
+            raise UnsafeFile(f"an array has dtype {describe(code)}, not a plain number type")
         self.code, self.byteorder = code, "|"
 
     def __setstate__(self, state):
@@ -392,28 +352,130 @@ class _DtypeSpec:
         return np.dtype(self.code).newbyteorder(">" if self.byteorder == ">" else "<")
 
 
-class _ArraySpec:
-    """Stands in for numpy's _reconstruct(ndarray, shape, code) and the ndarray state it is given:
-    the array is built with numpy.frombuffer once its bytes are checked to match its shape."""
+class PickledArray:
+    """Stands in for a pickled numpy array: built with numpy.frombuffer once its bytes are checked to
+    match its shape and dtype (.array), each array's bytes charged to the file's budget."""
 
-    def __init__(self, *args):
-        self.array = None
+    def __init__(self, budget):
+        self.budget, self.array = budget, None
 
-    def __setstate__(self, state):
+    def build(self, shape, dtype, fortran, raw):
         import numpy as np
 
-        if not (isinstance(state, tuple) and len(state) == 5):
-            raise UnsafeFile("an array's state is not (version, shape, dtype, order, data)")
-        _, shape, dtype, fortran, raw = state
         raw = raw.encode("latin1") if isinstance(raw, str) else raw
         if not (isinstance(shape, tuple) and len(shape) <= MAX_TENSOR_DIMS and all(whole(n) and n >= 0 for n in shape)
-                and isinstance(dtype, _DtypeSpec) and isinstance(fortran, bool) and isinstance(raw, bytes)):
+                and isinstance(dtype, _DtypeSpec) and isinstance(fortran, bool)
+                and isinstance(raw, (bytes, bytearray))):
             raise UnsafeFile("an array has an invalid shape, dtype or data")
         dtype = dtype.numpy()
         if math.prod(shape) * dtype.itemsize != len(raw):
             raise UnsafeFile(f"an array of shape {list(shape)} holds {len(raw):,} bytes, not "
                              f"{math.prod(shape) * dtype.itemsize:,}")
-        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="))
+        self.budget.take("tensor data", len(raw))
+        order = "F" if fortran else "C"
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order=order).astype(dtype.newbyteorder("="))
+        return self
+
+    def __setstate__(self, state):  # numpy's ndarray state, after _reconstruct (pickle protocols 0-4)
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise UnsafeFile("an array's state is not (version, shape, dtype, order, data)")
+        self.build(*state[1:])
+
+
+class PickledDataset:
+    """Stands in for a pickled MyDataset, the course's or a student's class of that name: its
+    the_list, rebuilt as data (the class's own code never runs)."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict) or "the_list" not in state:
+            raise UnsafeFile("a MyDataset holds no the_list")
+        if state.get("transform") is not None:
+            raise UnsafeFile("a MyDataset holds a transform (code); save it with transform=None")
+        self.the_list = state["the_list"]
+
+
+def _numpy_globals(budget):
+    """numpy's array, scalar and dtype constructors as stand-ins: what a pickle of numpy data names."""
+
+    def reconstruct(cls, shape, code):  # numpy.core.multiarray._reconstruct(ndarray, (0,), b"b")
+        return PickledArray(budget)
+
+    def frombuffer(buffer, dtype, shape, order):  # pickle protocol 5: numpy.core.numeric._frombuffer
+        return PickledArray(budget).build(shape, dtype, order == "F", buffer)
+
+    def scalar(dtype, raw=b""):  # numpy.int64(2): numpy.core.multiarray.scalar(dtype, raw bytes)
+        array = PickledArray(budget).build((), dtype, False, raw).array
+        return array.item()
+
+    return {
+        **{(f"numpy{core}.multiarray", "_reconstruct"): reconstruct for core in (".core", "._core")},
+        **{(f"numpy{core}.multiarray", "scalar"): scalar for core in (".core", "._core")},
+        **{(f"numpy{core}.numeric", "_frombuffer"): frombuffer for core in (".core", "._core")},
+        ("numpy", "ndarray"): None,
+        ("numpy", "dtype"): _DtypeSpec,
+        ("_codecs", "encode"): _latin1_encode(budget),
+    }
+
+
+def _data_pickle_globals(budget):
+    """Everything a pickle.dump of the course's data needs, and nothing else, within the budget: lists of
+    (image, label) whose images are tensors or numpy arrays and labels ints, numpy ints or tensors, as a
+    plain list or a MyDataset (pickled by NEWOBJ, or by copyreg._reconstructor in protocols 0 and 1)."""
+
+    def load_storage_bytes(data):
+        # Stands in for torch.storage._load_from_bytes, which would unpickle with weights_only=False.
+        if not isinstance(data, bytes):
+            raise UnsafeFile("a storage is not stored as bytes")
+        budget.take("tensor data", len(data))
+        storage = read_legacy_torch(data, {}, "tensor storage")
+        if not isinstance(storage, _Storage):
+            raise UnsafeFile("a storage blob holds something other than one storage")
+        return storage
+
+    def reconstructor(cls, base, state):
+        if cls is not PickledDataset or base is not object or state is not None:
+            raise UnsafeFile("it rebuilds an object other than a MyDataset")
+        return PickledDataset()
+
+    return {
+        **tensor_globals(budget),
+        **_numpy_globals(budget),
+        ("torch.storage", "_load_from_bytes"): load_storage_bytes,
+        ("*", "MyDataset"): PickledDataset,
+        **{(module, "_reconstructor"): reconstructor for module in ("copyreg", "copy_reg")},
+        **{(module, "object"): object for module in ("builtins", "__builtin__")},
+    }
+
+
+def _unpickle(data, allowed, path, what, encoding="ASCII"):
+    """The object in data through the restricted unpickler; every way a file can fail is one UserError line."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), allowed, what, encoding=encoding).load()
+    except UnsafeFile as e:
+        raise UserError(f"{path}: refused: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: refused: nested too deeply for a {what}") from None
+    except Exception as e:  # a broken file can fail inside unpickling in many ways; all mean the same
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__}: {detail})") from None
+
+
+def read_pickle(path, what, hint=""):
+    """The object in a pickle.dump() of course data, loaded without running code from it.
+
+    Memory stays bounded by the file: decoded bytes, tensor and array data and tensor objects
+    may each total at most the file's size. numpy arrays come back as PickledArray (.array),
+    a pickled MyDataset as PickledDataset (.the_list). Returns (object, the file's size in bytes).
+    """
+    data = read_input_file(path, what, hint)
+    if data[:4] == ZIP_MAGIC:
+        raise UserError(f"{path}: a torch.save() zip archive, not a course {what} pickle (a pickle.dump of a list "
+                        "of (image, label) tuples)")
+    return _unpickle(data, _data_pickle_globals(Budget(len(data))), path, f"course {what} pickle"), len(data)
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10's python batches: pickled dicts of numpy arrays
 
 
 def read_cifar_batch(path):
@@ -421,31 +483,15 @@ def read_cifar_batch(path):
 
     The batches are pickled dicts of numpy arrays. pickle.load (as torchvision uses it) would
     let such a file call anything; here only numpy's array and dtype constructors are
-    resolved, by stand-ins that accept plain integer arrays whose bytes match their shape.
+    resolved, by stand-ins that accept plain arrays whose bytes match their shape.
     """
     data = read_input_file(path, "CIFAR-10 batch")
-    budget = Budget(len(data))
-    allowed = {
-        ("numpy.core.multiarray", "_reconstruct"): _ArraySpec,  # written by numpy 1 (the CIFAR-10 files)
-        ("numpy._core.multiarray", "_reconstruct"): _ArraySpec,  # written by numpy 2
-        ("numpy", "ndarray"): None,
-        ("numpy", "dtype"): _DtypeSpec,
-        ("_codecs", "encode"): _latin1_encode(budget),
-    }
-    try:
-        batch = RestrictedUnpickler(io.BytesIO(data), allowed, "CIFAR-10 batch", encoding="bytes").load()
-    except UnsafeFile as e:
-        raise UserError(f"{path}: refused: {e}") from None
-    except RecursionError:
-        raise UserError(f"{path}: refused: nested too deeply for a CIFAR-10 batch") from None
-    except Exception as e:  # a broken file can fail inside unpickling in many ways
-        detail = " ".join(str(e).split())[:120] or type(e).__name__
-        raise UserError(f"{path}: unreadable or truncated CIFAR-10 batch ({type(e).__name__}: {detail})") from None
+    batch = _unpickle(data, _numpy_globals(Budget(len(data))), path, "CIFAR-10 batch", encoding="bytes")
     if not isinstance(batch, dict):
         raise UserError(f"{path}: not a CIFAR-10 batch (a pickled dict with data and labels), found {describe(batch)}")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     pixels, labels = batch.get("data"), batch.get("labels")
-    pixels = pixels.array if isinstance(pixels, _ArraySpec) else None
+    pixels = pixels.array if isinstance(pixels, PickledArray) else None
     if pixels is None or pixels.dtype.name != "uint8" or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
         raise UserError(f"{path}: a CIFAR-10 batch's data must be a uint8 array [N, 3072]")
     if not (isinstance(labels, list) and len(labels) == len(pixels)

@@ -255,3 +255,69 @@ def test_course_code_runs_unchanged_and_agrees_with_tester(small_data, tmp_path)
     # The shipped model says "car" for everything; the one-epoch model learned something.
     assert course["pretrained"]["per_class"] == {"car": 1.0, "truck": 0.0, "cat": 0.0}
     assert course["trained"]["balanced"] > 0.45
+
+
+# ---------------------------------------------------------------------------
+# Round two: what published student code does (tests/course_scripts/, one script per behaviour)
+
+
+def course_script(name, *args, cwd):
+    """Run tests/course_scripts/<name>.py as student code runs: its own process, the project on the path."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "course_scripts" / f"{name}.py"), *map(str, args)],
+                            cwd=cwd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_star_import_brings_numpy_torch_pickle_and_dataset(small_data, tmp_path):
+    out = course_script("star_import", small_data / "train.pickle", cwd=tmp_path)
+    from dataset import load_pickle
+
+    images, labels = load_pickle(small_data / "train.pickle")
+    assert out["counts"] == torch.bincount(labels, minlength=3).tolist()
+    assert out["mean"] == pytest.approx(labels.double().mean().item())
+    assert out["pixels"] == pytest.approx(images.mean().item(), abs=1e-6)
+    assert out["dataset_class"] is True and out["pickle"] == pickle.HIGHEST_PROTOCOL
+
+
+def test_a_pickled_mydataset_loads_back_as_data(small_data, tmp_path):
+    assert course_script("pickled_dataset", small_data / "train.pickle", tmp_path / "clean.pickle",
+                         cwd=tmp_path) == {"course": True, "own": True}
+
+
+def test_numpy_labels_numpy_images_and_batches_of_one_load(small_data, tmp_path):
+    out = course_script("numpy_labels", small_data / "train.pickle", tmp_path / "mine.pickle", cwd=tmp_path)
+    assert out == {"numpy int64 labels": True, "one-element label tensors": True, "numpy images": True,
+                   "batch-of-one images": True}
+
+
+def test_one_unbatched_image_gives_one_row_of_scores(small_data, tmp_path):
+    out = course_script("unbatched_forward", small_data / "dev.pickle", PRETRAINED, cwd=tmp_path)
+    assert out["shape"] == [1, 3] and out["same_as_batched"] is True and out["prediction"] == 0  # "car", as always
+
+
+def test_dropout1_and_dropout2_as_in_the_course_model_with_the_same_outputs(tmp_path):
+    out = course_script("dropouts", cwd=tmp_path)
+    assert out["same"] == {"train": True, "eval": True}  # bit for bit, dropout draws included
+    assert out["p"] == [0.2, 0.5]
+    assert {"dropout1", "dropout2"} <= set(out["modules"]) and "dropout" not in out["modules"]
+
+
+def test_a_missing_file_is_a_file_not_found_error(tmp_path):
+    out = course_script("missing_file", cwd=tmp_path)
+    assert set(out) == {"get_dataset_as_array", "get_dataset_as_torch_dataset", "load"}
+    assert "no_such/train.pickle: no such data file" in out["get_dataset_as_array"]
+    assert "no_such/model.ckpt: no such checkpoint file" in out["load"]
+
+
+def test_the_course_default_path_and_its_fallback(small_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.pickle").symlink_to(small_data / "train.pickle")
+    from dataset import load_pickle
+
+    train = load_pickle(small_data / "train.pickle")
+    assert len(get_dataset_as_array()) == len(train[1])  # no ./data/dataset.pickle: the training set
+    (tmp_path / "data" / "dataset.pickle").symlink_to(small_data / "dev.pickle")
+    assert len(get_dataset_as_torch_dataset()) == len(load_pickle(small_data / "dev.pickle")[1])  # the course's

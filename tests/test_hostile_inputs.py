@@ -19,6 +19,7 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,28 @@ def label_as_raw(raw_label):
 
 
 GOOD = [(torch.zeros(3, 32, 32), i % 3) for i in range(4)]
+
+
+class MyDataset:
+    """A student's own MyDataset: pickled as test_hostile_inputs.MyDataset."""
+
+    def __init__(self, the_list, transform=None):
+        self.the_list, self.transform = the_list, transform
+
+
+class OtherDataset(MyDataset):
+    pass
+
+
+def course_dataset(items, transform=None):
+    import dataset
+
+    return dataset.MyDataset(items, transform)
+
+
+def oversized_array():
+    data = pickle.dumps([(np.zeros((3, 32, 32), np.float32), 0)], protocol=2)
+    return Raw(data.replace(b"K\x03K K \x87", b"K\x03M\x00\x10K \x87"))  # shape (3, 4096, 32)
 SHARED = torch.zeros(3, 32, 32)
 
 # name -> (expected: "ok" or words of the one-line refusal, content(marker): object to pickle or Raw bytes)
@@ -163,7 +186,22 @@ DATA_CASES = {
     "os.system inside an item": ("refused", lambda m: GOOD[:2] + [(Call(os.system, f"touch {m}"), 0)]),
     "os.system inside storage bytes": ("refused", payload_in_storage_bytes),
     "builtins.eval": ("refused", lambda m: [(Call(eval, "1+1"), 0)]),
-    "numpy array instead of a tensor": ("refused", lambda m: [(torch.zeros(3, 32, 32).numpy(), 0)]),
+    # What course code writes besides the format itself (issue: course drop-in, round two)
+    "numpy image": ("ok", lambda m: [(torch.zeros(3, 32, 32).numpy(), 0)]),
+    "numpy image, protocol 5": ("ok", lambda m: [(torch.zeros(3, 32, 32).numpy(), 0)]),
+    "batch-of-one image [1, 3, 32, 32]": ("ok", lambda m: [(torch.zeros(1, 3, 32, 32), 1)]),
+    "numpy int64 label": ("ok", lambda m: [(torch.zeros(3, 32, 32), np.int64(2))]),
+    "numpy 0-d array label": ("ok", lambda m: [(torch.zeros(3, 32, 32), np.array(1))]),
+    "pickled dataset.MyDataset": ("ok", lambda m: course_dataset(GOOD)),
+    "pickled MyDataset of the student's own": ("ok", lambda m: MyDataset(GOOD)),
+    "MyDataset holding a transform": ("transform", lambda m: course_dataset(GOOD, transform=1)),
+    "MyDataset holding code as its transform": ("refers to posix.system", lambda m: course_dataset(
+        GOOD, transform=Call(os.system, f"touch {m}"))),
+    "another class": ("refers to", lambda m: OtherDataset(GOOD)),
+    "numpy float64 image": ("float64", lambda m: [(np.zeros((3, 32, 32)), 0)]),
+    "numpy object array image": ("not a plain number type", lambda m: [(np.array([None, 1], dtype=object), 0)]),
+    "numpy array claiming more than its bytes": ("holds 12,288 bytes", lambda m: oversized_array()),
+    "numpy scalar label 2.0": ("label", lambda m: [(torch.zeros(3, 32, 32), np.float64(2.0))]),
     "torch.save zip instead of a pickle": ("zip archive", lambda m: zipped(GOOD)),
     # Resource bombs
     "nested hex codec expansion": ("codec", lambda m: [(crafted_tensor(
@@ -189,7 +227,8 @@ DATA_CASES = {
         legacy_blob(image_bytes(), 3072), requires_grad=True), 0)]),
     "bool label tensor(True)": ("label", lambda m: [(torch.zeros(3, 32, 32), torch.tensor(True))]),
     "bool label True": ("label", lambda m: [(torch.zeros(3, 32, 32), True)]),
-    "1-d label tensor": ("label", lambda m: [(torch.zeros(3, 32, 32), torch.tensor([1]))]),
+    "1-d label tensor": ("ok", lambda m: [(torch.zeros(3, 32, 32), torch.tensor([1]))]),
+    "2-element label tensor": ("label", lambda m: [(torch.zeros(3, 32, 32), torch.tensor([1, 2]))]),
     "huge int label": ("label", lambda m: [(torch.zeros(3, 32, 32), 2**100)]),
     "label 10**5000": ("label a number of about 5,000 digits", lambda m: [(torch.zeros(3, 32, 32), 10**5000)]),
     "label nested 200,000 lists deep": ("label a list of 1 items",
@@ -214,6 +253,8 @@ def write_data_case(d, name, marker):
         path.write_bytes(content)
     else:
         dump(path, content, protocol=5 if "protocol 5" in name else 2)
+    if "protocol 5" in name:
+        assert b"_frombuffer" in path.read_bytes() or "numpy" not in name
     return path
 
 
