@@ -174,7 +174,7 @@ def _image(fill=None, shape=(3, 32, 32), dtype=torch.float32):
 BAD_ITEMS = {
     "wrong shape": ((_image(shape=(3, 28, 28)), 0), "shape [3, 28, 28]"),
     "channels last": ((_image(shape=(32, 32, 3)), 0), "shape [32, 32, 3]"),
-    "batched": ((_image(shape=(1, 3, 32, 32)), 0), "shape"),
+    "a batch of two": ((_image(shape=(2, 3, 32, 32)), 0), "shape"),  # a batch of one is a course image
     "integer dtype": ((_image(dtype=torch.uint8), 0), "dtype torch.uint8"),
     "NaN": ((_image(float("nan")), 0), "NaN"),
     "infinity": ((_image(float("inf")), 1), "infinite"),
