@@ -32,6 +32,9 @@ CONFIGS = {
                    "seed recipe without augmentation"),
     "onecycle": (["--fix-labels", "none"], "seed recipe + one-cycle learning-rate schedule"),
     "default": ([], "trainer.py defaults: one-cycle + automatic label repair"),
+    "no-repair": (["--fix-labels", "none"], "trainer.py defaults without label repair (the labels as given)"),
+    "true-labels": (["--fix-labels", "{true labels}"],
+                    "trainer.py defaults with the manifest's true labels instead of repair (the best repair could do)"),
     "resnet8": (["--model", "resnet8"], "the stronger model (--model resnet8), with its defaults"),
     # The imbalance study (#11): each treatment on top of the default recipe, then on --model best.
     "la": (["--loss", "logit-adjusted", "--tau", "0.5"], "default + logit-adjusted loss, tau 0.5, beside the sampler"),
@@ -67,6 +70,11 @@ def run(cmd):
 def evaluate(name, flags, seed, work, args):
     """Train one configuration with one seed; dev accuracies plain and with flip TTA, and wall time."""
     ckpt = work / f"{name}_{seed}.ckpt"
+    if "{true labels}" in flags:  # a --fix-labels file that puts every planted error right, from the manifest
+        manifest = json.loads((Path(args.data).parent / "manifest.json").read_text())
+        fixes = work / "true_labels.json"
+        fixes.write_text(json.dumps([{"index": e["index"], "label": e["true"]} for e in manifest["mislabeled"]]))
+        flags = [str(fixes) if f == "{true labels}" else f for f in flags]
     start = time.time()
     run([sys.executable, str(ROOT / "trainer.py"), "--seed", str(seed), "--data", args.data,
          "--dev-data", args.dev_data, "--out", str(ckpt), "--figures", str(work / name), *flags])
