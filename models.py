@@ -56,6 +56,7 @@ class SimpleModel(Checkpointed):
     """The course's CNN; parameter names are part of the checkpoint format."""
 
     arch = "simple"
+    cam_layer = "conv2"  # the last convolution (10x10), read by Grad-CAM (explain.py)
 
     def __init__(self, num_classes=3):
         super().__init__()
@@ -100,6 +101,7 @@ class ResNet8(Checkpointed):
     """
 
     arch = "resnet8"
+    cam_layer = "layer3"  # the last convolutional block, after its residual sum (4x4), read by Grad-CAM
 
     def __init__(self, num_classes=3, width=24):
         super().__init__()
@@ -161,6 +163,7 @@ class WhitenedCNN(Checkpointed):
     """
 
     arch = "whitened"
+    cam_layer = "layer3"  # the last conv group (4x4), read by Grad-CAM (explain.py)
 
     def __init__(self, num_classes=3, widths=(32, 96, 192)):
         super().__init__()

@@ -103,3 +103,28 @@ def default_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "data"
     dataset.build_from_cifar(source, out, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def briefly_trained(small_data, tmp_path_factory):
+    """SimpleModel after 150 class-balanced Adam steps on small_data's training set (a model that
+    has learned something, a few seconds to make), in eval mode, and its checkpoint."""
+    import torch
+    import torch.nn.functional as F
+
+    import models
+
+    torch.manual_seed(0)
+    x, y = dataset.load_pickle(small_data / "train.pickle")
+    weights = (1.0 / torch.bincount(y, minlength=len(dataset.CLASSES)).float())[y]
+    model = models.SimpleModel()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(150):
+        batch = torch.multinomial(weights, 64, replacement=True)
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    checkpoint = tmp_path_factory.mktemp("briefly_trained") / "briefly.ckpt"
+    model.eval().save(checkpoint)
+    return model, checkpoint

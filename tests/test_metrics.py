@@ -88,3 +88,101 @@ def test_balanced_accuracy_of_a_correctness_mask():
     assert metrics.balanced_accuracy(labels, robust) == pytest.approx((0.5 + 0.5 + 1.0) / 3)
     with pytest.raises(ValueError):
         metrics.balanced_accuracy(labels, robust[:3])
+
+
+# ---------------------------------------------------------------------------
+# The mistakes: most-confused pairs, highest-loss errors, calibration
+
+
+def test_most_confused_are_the_off_diagonal_cells_most_first():
+    cm = metrics.compute_metrics(Y_TRUE, Y_PRED)["confusion_matrix"]  # [[3, 1, 0], [1, 1, 0], [1, 0, 1]]
+    pairs = metrics.most_confused(cm)
+    # Three errors of one each: equal counts keep class order (true, then predicted).
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
+        ("car", "truck", 1), ("truck", "car", 1), ("cat", "car", 1)]
+    assert [p["share"] for p in pairs] == pytest.approx([1 / 3] * 3)
+
+    rng = np.random.default_rng(1)
+    y_true, y_pred = rng.integers(0, 3, 500), rng.integers(0, 3, 500)
+    cm = metrics.compute_metrics(y_true, y_pred)["confusion_matrix"]
+    pairs = metrics.most_confused(cm)
+    names = metrics.CLASSES
+    cells = {(names[t], names[p]): cm[t][p] for t in range(3) for p in range(3) if t != p and cm[t][p]}
+    assert {(p["true"], p["predicted"]): p["count"] for p in pairs} == cells
+    assert [p["count"] for p in pairs] == sorted(cells.values(), reverse=True)
+    assert sum(p["share"] for p in pairs) == pytest.approx(1)
+    assert metrics.most_confused([[5, 0, 0], [0, 2, 0], [0, 0, 1]]) == []
+
+
+def test_top_losses_are_the_highest_loss_errors_in_order():
+    probs = np.array([[0.7, 0.2, 0.1],    # 0 car, right
+                      [0.6, 0.3, 0.1],    # 1 truck -> car, loss -log 0.3
+                      [0.9, 0.05, 0.05],  # 2 truck -> car, loss -log 0.05
+                      [0.5, 0.1, 0.4],    # 3 cat -> car, loss -log 0.4
+                      [0.1, 0.8, 0.1],    # 4 cat -> truck, loss -log 0.1
+                      [0.6, 0.3, 0.1]])   # 5 truck -> car, the same loss as 1: by index
+    y_true, y_pred = [0, 1, 1, 2, 2, 1], probs.argmax(1)
+    top = metrics.top_losses(y_true, y_pred, probs, 10)
+    assert [m["index"] for m in top] == [2, 4, 1, 5, 3]
+    assert top[0] == {"index": 2, "true": "truck", "predicted": "car", "probability": 0.9, "true_probability": 0.05,
+                      "loss": pytest.approx(-np.log(0.05))}
+    assert [m["index"] for m in metrics.top_losses(y_true, y_pred, probs, 2)] == [2, 4]
+    assert metrics.top_losses([0, 1], [0, 1], probs[[0, 4]], 5) == []  # a perfect model: no mistakes
+    with pytest.raises(ValueError):
+        metrics.top_losses(y_true, y_pred, probs[:3], 5)
+
+
+def test_expected_calibration_error_hand_case():
+    # Four images at confidence 0.9, three right: |0.75 - 0.9| = 0.15 in bin (0.867, 0.933].
+    # Two at confidence 0.5, both right: |1 - 0.5| = 0.5 in bin (0.467, 0.533].
+    # ECE = 4/6 x 0.15 + 2/6 x 0.5 = 0.2667 (top-label, 15 equal-width bins).
+    probs = np.array([[0.9, 0.05, 0.05]] * 4 + [[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]])
+    y_true, y_pred = [0, 0, 0, 2, 0, 1], probs.argmax(1)
+    c = metrics.calibration(y_true, y_pred, probs)
+    assert c["ece"] == pytest.approx(4 / 6 * 0.15 + 2 / 6 * 0.5)
+    assert c["bins"] == 15 and "top-label" in c["definition"]
+    assert c["mean_confidence"] == pytest.approx((4 * 0.9 + 2 * 0.5) / 6)
+    assert c["accuracy"] == pytest.approx(5 / 6)
+    assert c["curve"] == {"confidence": pytest.approx([0.5, 0.9]), "accuracy": pytest.approx([1.0, 0.75]),
+                          "count": [2, 4]}
+    assert json.loads(json.dumps(c)) == c
+
+
+def test_expected_calibration_error_against_a_plain_loop():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(1000, 3)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y_pred = probs.argmax(1)
+    y_true = np.where(rng.random(1000) < 0.7, y_pred, rng.integers(0, 3, 1000))
+    confidence, correct = probs.max(1), y_pred == y_true
+    ece = 0.0
+    for b in range(15):  # bins (b/15, (b+1)/15], the first closed at 0
+        inside = (confidence > b / 15) & (confidence <= (b + 1) / 15) | ((b == 0) & (confidence == 0))
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    c = metrics.calibration(torch.tensor(y_true), torch.tensor(y_pred), torch.tensor(probs, dtype=torch.float32))
+    assert c["ece"] == pytest.approx(ece, abs=1e-6)
+    assert sum(c["curve"]["count"]) == 1000
+    # A perfect, fully confident model is perfectly calibrated.
+    assert metrics.calibration([0, 1, 2], [0, 1, 2], np.eye(3))["ece"] == 0
+
+
+def test_format_metrics_shows_calibration_and_most_confused_pairs():
+    m = metrics.compute_metrics(Y_TRUE, Y_PRED)
+    probs = np.full((8, 3), 0.1)
+    probs[np.arange(8), Y_PRED] = 0.8
+    text = metrics.format_metrics({**m, "most_confused": metrics.most_confused(m["confusion_matrix"]),
+                                   "calibration": metrics.calibration(Y_TRUE, Y_PRED, probs)})
+    assert "calibration error   17.50%" in text  # |5/8 - 0.8| in the one bin
+    lines = text.splitlines()
+    assert lines[-4] == "most confused (true -> predicted), of 3 errors"
+    assert [line.split() for line in lines[-3:]] == [["car", "->", "truck", "1", "33.3%"],
+                                                     ["truck", "->", "car", "1", "33.3%"],
+                                                     ["cat", "->", "car", "1", "33.3%"]]
+
+
+def test_a_true_class_probability_of_zero_still_has_a_finite_loss():
+    probs = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    top = metrics.top_losses([1, 1], [0, 1], probs, 5)
+    assert [m["index"] for m in top] == [0] and np.isfinite(top[0]["loss"]) and top[0]["loss"] > 100
+    json.loads(json.dumps(top), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))

@@ -338,6 +338,9 @@ def metrics_of(tmp_path, checkpoint, data, out):
     record = json.loads((out / f"metrics_{checkpoint.stem}.json").read_text())
     for key in ("data", "skipped"):
         record.pop(key, None)
+    # A mistake's index is its place in the set (and a folder's also names its file): the places
+    # differ between a folder and a pickle of the same images, the mistakes do not.
+    record["mistakes"] = sorted((m["true"], m["predicted"], round(m["loss"], 5)) for m in record["mistakes"])
     return record, result
 
 

@@ -1,5 +1,8 @@
 """tester.py: metrics on a hand-checked case, the figure and JSON it writes, and one-line CLI errors."""
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import dataset
 import metrics
 import models
 import tester
+from cli import UserError
 from conftest import ROOT, needs_cifar, run_script
 
 def test_plot_confusion_accepts_a_bare_matrix(tmp_path):
@@ -38,7 +42,8 @@ def test_default_run_writes_figure_and_json(small_data, tmp_path):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((tmp_path / "figures" / "metrics_pre_trained.json").read_text())
     assert list(record) == ["checkpoint", "data", "n", "tta", "accuracy", "balanced_accuracy",
-                            "per_class", "confusion_matrix", "predicted_counts"]
+                            "per_class", "confusion_matrix", "predicted_counts", "most_confused", "calibration",
+                            "mistakes"]
     assert record["checkpoint"] == "checkpoints/pre_trained.ckpt"
     assert record["data"] == "data/dev.pickle"
     assert record["tta"] == "none"
@@ -164,3 +169,151 @@ def test_committed_pretrained_checkpoint_says_car_for_nearly_everything(default_
     assert record["predicted_counts"]["car"] >= 0.95 * record["n"]
     assert record["per_class"]["car"]["accuracy"] >= 0.95
     assert record["per_class"]["truck"]["accuracy"] <= 0.05 and record["per_class"]["cat"]["accuracy"] <= 0.05
+
+
+# ---------------------------------------------------------------------------
+# Seeing the mistakes: most-confused pairs, the highest-loss errors, calibration, Grad-CAM
+
+needs_captum = pytest.mark.skipif(importlib.util.find_spec("captum") is None,
+                                  reason="--explain needs Captum (requirements.txt)")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _tester(tmp_path, checkpoint, *args):
+    result = run_script("tester.py", "--checkpoint", checkpoint, "--out", tmp_path / "out", *args, cwd=tmp_path,
+                        env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_report_names_the_confused_pairs_and_the_highest_loss_mistakes(briefly_trained, small_data, tmp_path):
+    model, checkpoint = briefly_trained
+    data = small_data / "dev.pickle"
+    result = _tester(tmp_path, checkpoint, "--data", data)
+    record = json.loads((tmp_path / "out" / "metrics_briefly.json").read_text())
+
+    cm = record["confusion_matrix"]
+    assert {(p["true"], p["predicted"]): p["count"] for p in record["most_confused"]} == {
+        (t, p): cm[i][j] for i, t in enumerate(dataset.CLASSES) for j, p in enumerate(dataset.CLASSES)
+        if i != j and cm[i][j]}
+    assert [p["count"] for p in record["most_confused"]] == sorted((p["count"] for p in record["most_confused"]),
+                                                                   reverse=True)
+    top = record["most_confused"][0]
+    assert f"{top['true']} -> {top['predicted']}" in result.stdout.split("most confused")[1]
+
+    # The mistakes: the errors with the highest -log p(true class), in order, 24 by default.
+    images, labels = dataset.load_pickle(data)
+    probs = models.predict(model, images, probabilities=True).double()
+    loss = -probs[torch.arange(len(labels)), labels].log()
+    errors = (models.predict(model, images) != labels).nonzero()[:, 0]
+    expected = sorted(errors.tolist(), key=lambda i: (-loss[i].item(), i))[:24]
+    assert len(errors) > 24
+    assert [m["index"] for m in record["mistakes"]] == expected
+    for m in record["mistakes"]:
+        assert m["true"] == dataset.CLASSES[labels[m["index"]]] != m["predicted"]
+        assert m["probability"] == pytest.approx(probs[m["index"]].max().item(), abs=1e-6)
+        assert m["loss"] == pytest.approx(loss[m["index"]].item(), abs=1e-5)
+
+    # Calibration: in the table and the JSON, and as a reliability diagram.
+    assert f"calibration error  {record['calibration']['ece']:7.2%}" in result.stdout
+    assert record["calibration"]["bins"] == 15 and sum(record["calibration"]["curve"]["count"]) == record["n"]
+    for name in ("mistakes", "calibration", "confusion"):
+        assert (tmp_path / "out" / f"{name}_briefly.png").read_bytes()[:8] == PNG
+
+
+def test_mistakes_0_draws_and_lists_none(briefly_trained, small_data, tmp_path):
+    _tester(tmp_path, briefly_trained[1], "--data", small_data / "dev.pickle", "--mistakes", 0)
+    record = json.loads((tmp_path / "out" / "metrics_briefly.json").read_text())
+    assert "mistakes" not in record and record["most_confused"]
+    assert not (tmp_path / "out" / "mistakes_briefly.png").exists()
+
+
+def _photo_folder(root, images, labels, count=12):
+    """The first `count` images as PNG files (lossless) in class subfolders, named after their index."""
+    from images import to_unit
+    from PIL import Image
+
+    for i in range(count):
+        folder = root / dataset.CLASSES[labels[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (to_unit(images[i]).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"dev ${i:03d}\\x$.png")  # "$": not TeX in the figure
+    return root
+
+
+@needs_captum
+def test_explain_with_a_photo_folder_and_flip_names_the_files(briefly_trained, small_data, tmp_path):
+    images, labels = dataset.load_pickle(small_data / "dev.pickle")
+    order = torch.cat([(labels == c).nonzero()[:, 0] for c in range(3)])  # some of each class
+    folder = _photo_folder(tmp_path / "photos", images[order[::10]], labels[order[::10]], count=21)
+    _tester(tmp_path, briefly_trained[1], "--data", folder, "--explain", "--tta", "flip", "--mistakes", 100)
+    record = json.loads((tmp_path / "out" / "metrics_briefly.json").read_text())
+    errors = sum(p["count"] for p in record["most_confused"])
+    assert 0 < len(record["mistakes"]) == errors < 100  # K larger than the errors: all of them
+    for m in record["mistakes"]:
+        path = Path(m["file"])
+        assert path.is_file() and path.parent.name == m["true"]
+    assert (tmp_path / "out" / "mistakes_briefly.png").read_bytes()[:8] == PNG
+
+
+@needs_captum
+def test_explain_a_single_image_and_a_perfect_model(briefly_trained, small_data, tmp_path):
+    model, checkpoint = briefly_trained
+    images, _ = dataset.load_pickle(small_data / "dev.pickle")
+    _photo_folder(tmp_path / "one", images[:1], torch.zeros(1, dtype=torch.long), count=1)
+    _tester(tmp_path, checkpoint, "--images", tmp_path / "one" / "car", "--explain")
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["n"] == 1
+    assert (tmp_path / "out" / "predictions.png").read_bytes()[:8] == PNG
+
+    # Labels that are the model's own predictions: no mistakes to draw or explain.
+    perfect = tmp_path / "perfect.pickle"
+    dataset.save_pickle(perfect, images[:30], models.predict(model, images[:30]))
+    result = _tester(tmp_path, checkpoint, "--data", perfect, "--explain")
+    record = json.loads((tmp_path / "out" / "metrics_briefly.json").read_text())
+    assert record["accuracy"] == 1 and record["mistakes"] == [] and record["most_confused"] == []
+    assert "every image is predicted right" in result.stdout
+    assert (tmp_path / "out" / "mistakes_briefly.png").read_bytes()[:8] == PNG
+
+
+def test_explain_draws_grad_cam_for_the_mistakes_in_process(briefly_trained, small_data, tmp_path, monkeypatch):
+    pytest.importorskip("captum")
+    import explain
+
+    calls = []
+    real = explain.grad_cam
+
+    def spy(model, images, targets, device, flip=False):
+        calls.append((images.clone(), torch.as_tensor(targets).clone(), flip, model.training))
+        return real(model, images, targets, device, flip=flip)
+
+    monkeypatch.setattr(explain, "grad_cam", spy)
+    tester.main(["--checkpoint", str(briefly_trained[1]), "--data", str(small_data / "dev.pickle"), "--out",
+                 str(tmp_path), "--explain", "--mistakes", "5", "--tta", "flip"])
+    record = json.loads((tmp_path / "metrics_briefly.json").read_text())
+    images, _ = dataset.load_pickle(small_data / "dev.pickle")
+    (explained, targets, flip, training), = calls
+    assert torch.equal(explained, images[[m["index"] for m in record["mistakes"]]])
+    assert [dataset.CLASSES[t] for t in targets] == [m["predicted"] for m in record["mistakes"]]
+    assert flip and not training
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--explain", "--mistakes", "0"], "nothing to draw"),
+    (["--images", "a.png", "--mistakes", "3"], "--mistakes applies to an evaluation"),
+    (["--mistakes", "-1"], "--mistakes"),
+])
+def test_mistakes_and_explain_flag_errors_are_one_line(args, words, good_checkpoint, tiny_data, tmp_path):
+    data = [] if "--images" in args else ["--data", tiny_data]
+    result = run_script("tester.py", "--checkpoint", good_checkpoint, *data, *args, "--out", tmp_path, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
+
+
+def test_missing_captum_stops_explain_before_any_work(good_checkpoint, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # as if Captum were not installed
+    with pytest.raises(UserError, match="--explain needs Captum"):
+        tester.main(["--checkpoint", str(good_checkpoint), "--data", str(tiny_data), "--out", str(tmp_path),
+                     "--explain"])
+    assert not list(tmp_path.glob("metrics_*.json"))
+    tester.main(["--checkpoint", str(good_checkpoint), "--data", str(tiny_data), "--out", str(tmp_path)])
+    assert (tmp_path / "mistakes_good.png").is_file()  # plain tester.py never needs it
