@@ -5,11 +5,19 @@
     --fix-labels none    the labels as given
 
 Confident learning flags an image when its out-of-fold probability for another class beats
-that class's own typical confidence (Northcutt et al. 2021). A flagged pair of classes is
-acted on only when the confusion runs one way (directional_pairs): label noise, cats filed
-as "car", runs one way; a model that mixes up cars and trucks errs both ways.
+that class's own typical confidence (Northcutt et al. 2021). Two checks decide which flags
+are acted on:
+
+* the pair runs one way (directional_pairs): label noise, cats filed as "car", runs one way;
+  a model that mixes up cars and trucks errs both ways;
+* the suggestion holds under both priors (prior_calibrated): the fold models train with the
+  balanced sampler, so their probabilities assume equal classes and over-suggest the rare
+  ones (truck); re-expressed under the training labels' own prior they over-suggest the
+  common one (car). A label is changed only where both views suggest the same class, so
+  neither prior's bias can change a label on its own.
+
+docs/label_repair.md has the measurements behind both.
 """
-import collections
 import json
 import math
 import sys
@@ -42,7 +50,8 @@ def add_repair_args(parser, fold_models):
                        help="what to do with the images found (default: relabel)")
     group.add_argument("--repair-pairs", choices=("directional", "all"), default="directional",
                        help="directional: act only on one-way confusions (label noise), not on classes the "
-                            "model mixes up both ways; all: act on every flag (default: directional)")
+                            "model mixes up both ways, and only where the labels' own prior suggests the same class; "
+                            "all: act on every flag (default: directional)")
 
 
 def check_repairable(labels, args):
@@ -91,6 +100,29 @@ def find_label_issues(labels, probs):
     ).long()
 
 
+def prior_calibrated(probs, labels):
+    """probs re-expressed under the class prior of the given labels: a temperature and a bias per class
+    on the log-probabilities, fitted by maximum likelihood of the given labels (bias-corrected
+    temperature scaling, Alexandari et al. 2020). Confident learning assumes probabilities of
+    this kind (Northcutt et al. 2021); fold models that trained with the balanced sampler give
+    probabilities under equal class priors instead."""
+    logp = probs.double().clamp_min(1e-12).log()
+    bias = torch.zeros(probs.shape[1], dtype=torch.double, requires_grad=True)
+    log_temperature = torch.zeros((), dtype=torch.double, requires_grad=True)
+    optimizer = torch.optim.LBFGS([bias, log_temperature], max_iter=200, line_search_fn="strong_wolfe")
+
+    def nll():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logp / log_temperature.exp() + bias, labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(nll)
+    with torch.no_grad():
+        return (logp / log_temperature.exp() + bias).softmax(1).float()
+
+
 def directional_pairs(given, suggested, class_sizes, factor=3.0):
     """Which flagged (given -> suggested) pairs look like label noise rather than model confusion.
 
@@ -109,17 +141,40 @@ def directional_pairs(given, suggested, class_sizes, factor=3.0):
     return (flags > 0) & (rate >= factor * rate.T) & (flags >= factor * flags.T)
 
 
+KEPT_TWO_WAY = "two-way: the model confuses these classes both ways"
+KEPT_PRIOR = "not suggested under the labels' own prior"
+
+
 def find_label_repairs(labels, probs, pairs="directional"):
-    """Flag probable label errors; return (indices, suggested labels, confidence, act mask)."""
+    """Flag probable label errors and decide which to act on.
+
+    Returns (indices, suggested labels, confidence, act mask, why kept): for each flagged image,
+    most certain first, why it is not acted on ("" when it is). pairs="all" acts on every flag.
+    """
     issues = find_label_issues(labels, probs)
     suggested = probs[issues].argmax(1)
     confidence = probs[issues, suggested]
-    if pairs == "all":
-        act = torch.ones(len(issues), dtype=torch.bool)
-    else:
-        sizes = torch.tensor(class_counts(labels))
-        act = directional_pairs(labels[issues], suggested, sizes)[labels[issues], suggested]
-    return issues, suggested, confidence, act
+    why = [""] * len(issues)
+    if pairs != "all":
+        one_way = directional_pairs(labels[issues], suggested, torch.tensor(class_counts(labels)))
+        agrees = prior_calibrated(probs, labels)[issues].argmax(1) == suggested
+        why = [KEPT_TWO_WAY if not one_way[g, s] else "" if a else KEPT_PRIOR
+               for g, s, a in zip(labels[issues].tolist(), suggested.tolist(), agrees.tolist())]
+    act = torch.tensor([not w for w in why], dtype=torch.bool)
+    return issues, suggested, confidence, act, why
+
+
+def pair_summary(given, suggested, why):
+    """Per (given -> suggested) pair: flagged, acted on, and how many were kept for each reason."""
+    pairs = {}
+    for g, s, w in zip(given, suggested, why):
+        entry = pairs.setdefault(f"{CLASSES[g]}->{CLASSES[s]}", {"flagged": 0, "acted_on": 0, "kept": {}})
+        entry["flagged"] += 1
+        if w:
+            entry["kept"][w] = entry["kept"].get(w, 0) + 1
+        else:
+            entry["acted_on"] += 1
+    return dict(sorted(pairs.items(), key=lambda item: -item[1]["flagged"]))
 
 
 def _as_written(value):
@@ -210,26 +265,31 @@ def repair_labels(images, labels, args, device, train_fold):
     print(f"Label repair: {args.repair_folds}-fold out-of-fold predictions "
           f"({args.repair_model} fold models, {args.repair_epochs} epochs per fold) ...", file=sys.stderr)
     probs = out_of_fold_probabilities(images, labels, args.repair_folds, args.seed, train_fold, device)
-    issues, suggested, confidence, act = find_label_repairs(labels, probs, args.repair_pairs)
+    issues, suggested, confidence, act, why = find_label_repairs(labels, probs, args.repair_pairs)
+    pairs = pair_summary(labels[issues].tolist(), suggested.tolist(), why)
     report = {
         "method": f"confident learning (cleanlab) on {args.repair_folds}-fold out-of-fold probabilities; "
-                  f"acting on {args.repair_pairs} pairs",
+                  + ("acting on every flag" if args.repair_pairs == "all" else
+                     "acting on one-way pairs where the labels' own prior suggests the same class"),
         "action": args.repair_action,
         "flagged": len(issues),
         "acted_on": int(act.sum()),
+        "pairs": pairs,
         "issues": [
-            {"index": i, "given": CLASSES[labels[i]], "suggested": CLASSES[s], "confidence": round(c, 4), "acted": a}
-            for i, s, c, a in zip(issues.tolist(), suggested.tolist(), confidence.tolist(), act.tolist())
+            {"index": i, "given": CLASSES[labels[i]], "suggested": CLASSES[s], "confidence": round(c, 4), "acted": a,
+             **({"kept_because": w} if w else {})}
+            for i, s, c, a, w in zip(issues.tolist(), suggested.tolist(), confidence.tolist(), act.tolist(), why)
         ],
     }
     figures = Path(args.figures)
     atomic_write(figures / "label_issues.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
     fix, to = issues[act], suggested[act]
     plot_flagged(images[fix], labels[fix].tolist(), to.tolist(), confidence[act].tolist(), figures / "label_issues.png")
-    pairs = collections.Counter(f"{CLASSES[g]}->{CLASSES[s]}" + ("" if a else " (kept)")
-                                for g, s, a in zip(labels[issues].tolist(), suggested.tolist(), act.tolist()))
-    print(f"Label repair: {len(issues)} flagged {dict(pairs)} in {time.time() - start:.0f}s; "
-          f"{args.repair_action} {len(fix)} (list: {figures / 'label_issues.json'})", file=sys.stderr)
+    summary = "; ".join(f"{name} {p['acted_on']} of {p['flagged']}" + "".join(
+        f", {n} kept ({'two-way' if w == KEPT_TWO_WAY else 'not under the labels prior'})" for w, n in p["kept"].items())
+        for name, p in pairs.items())
+    print(f"Label repair: {len(issues)} flagged in {time.time() - start:.0f}s, {args.repair_action} {len(fix)}: "
+          f"{summary or 'nothing'} (list: {figures / 'label_issues.json'})", file=sys.stderr)
     if args.repair_action == "relabel":
         labels[fix] = to
     else:

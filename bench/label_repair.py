@@ -1,13 +1,17 @@
-"""Score automatic label repair against the injected noise recorded in data/manifest.json.
+"""Score automatic label repair against the noise the data build planted (manifest.json), per seed and per pair.
 
-    python bench/label_repair.py                           # both fold models: simple (default) and best
-    python bench/label_repair.py --repair-models simple    # one of them
-    python bench/label_repair.py --repair-folds 4 --repair-epochs 8 ...   # any trainer.py flags
+    python bench/label_repair.py                                   # data seeds 0 1 2 x fold seeds 0 1 2
+    python bench/label_repair.py --data-seeds 0 --seeds 0          # one run
+    python bench/label_repair.py --repair-model best               # the strong fold models
+    python bench/label_repair.py --repair-epochs 12 ...            # any trainer.py flag
 
-For each fold model (trainer.py's --repair-model) it runs the trainer's detection step
-(k-fold out-of-fold probabilities, cleanlab, the directional-pair filter) on data/train.pickle,
-times it, and prints precision and recall of the images it would relabel against the
-manifest's list of cats labeled "car". The manifest is read here only: training code never sees it.
+Data seed 0 is the default data (data/); seeds 1 and 2 are built into data/seed<N>/ (another
+draw of the same sizes and noise: `python dataset.py build --seed N`). For every (data seed,
+fold-model seed) it runs the trainer's repair step on the training set (k-fold out-of-fold
+probabilities, then the decision rule of label_repair.py), times it, and scores what it would
+relabel against the manifest's true labels: per (given -> suggested) pair the relabels, how
+many are right and how many wrong, and over all the precision and recall (the share of the
+planted errors put right). The manifest is read here only: training code never sees it.
 """
 import argparse
 import json
@@ -15,60 +19,88 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import trainer  # noqa: E402
-from label_repair import find_label_repairs, out_of_fold_probabilities  # noqa: E402
 from cli import pick_device, run_main  # noqa: E402
-from dataset import CLASSES, MANIFEST_NAME, ensure_data, load_pickle  # noqa: E402
+from dataset import CLASSES, MANIFEST_NAME, TRAIN_PATH, build_from_cifar, cifar_source, ensure_data, load_pickle  # noqa: E402
+from label_repair import find_label_repairs, out_of_fold_probabilities  # noqa: E402
 
 
-def score(name, chosen, planted):
-    chosen = set(chosen)
-    hits = len(chosen & planted)
-    precision = hits / len(chosen) if chosen else 0.0
-    recall = hits / len(planted)
-    print(f"  {name:<42} {len(chosen):>7} {hits:>6} {precision:>9.3f} {recall:>7.3f}")
-    return {"chosen": len(chosen), "hits": hits, "precision": precision, "recall": recall}
+def data_for(seed, cifar_dir):
+    """(train.pickle, manifest) of data seed `seed`: the default data for 0, data/seed<N>/ otherwise (built once)."""
+    if seed == 0:
+        ensure_data(TRAIN_PATH, cifar_dir=cifar_dir)
+        folder = Path(TRAIN_PATH).parent
+    else:
+        folder = Path(TRAIN_PATH).parent / f"seed{seed}"
+        if not (folder / "train.pickle").is_file():
+            build_from_cifar(cifar_source(cifar_dir), folder, seed=seed)
+    return folder / "train.pickle", json.loads((folder / MANIFEST_NAME).read_text())
+
+
+def true_labels(given, manifest):
+    true = given.clone()
+    for entry in manifest["mislabeled"]:
+        true[entry["index"]] = CLASSES.index(entry["true"])
+    return true
+
+
+def score(given, true, issues, suggested, act):
+    """Per (given -> suggested) pair and over all: relabels acted on, right and wrong; precision and recall."""
+    pairs = {}
+    for i, s in zip(issues[act].tolist(), suggested[act].tolist()):
+        pair = pairs.setdefault(f"{CLASSES[given[i]]}->{CLASSES[s]}", {"relabeled": 0, "right": 0, "wrong": 0})
+        pair["relabeled"] += 1
+        pair["right" if true[i] == s else "wrong"] += 1
+    right = sum(p["right"] for p in pairs.values())
+    acted = sum(p["relabeled"] for p in pairs.values())
+    planted = int((given != true).sum())
+    return {"pairs": pairs, "relabeled": acted, "right": right,
+            "precision": right / acted if acted else 0.0, "recall": right / planted if planted else 0.0,
+            "labels_correct_after": None}
 
 
 def main():
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--repair-models", nargs="+", choices=sorted(trainer.REPAIR_RECIPES),
-                        default=["simple", "best"], help="fold models to score (default: simple best)")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--data-seeds", type=int, nargs="+", default=[0, 1, 2], help="data builds to score")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fold-model seeds (--seed)")
+    parser.add_argument("--json", help="also write every run here")
     own, rest = parser.parse_known_args()
-    base = trainer.parse_args(rest)
-    ensure_data(base.data)
-    manifest = json.loads((Path(base.data).parent / MANIFEST_NAME).read_text())
-    planted = {entry["index"] for entry in manifest["mislabeled"]}
-    images, labels = load_pickle(base.data)
-    true = labels.clone()
-    true[list(planted)] = CLASSES.index("cat")
-    print(f"{base.data}: {len(planted)} planted errors (cats labeled car); training labels correct as given: "
-          f"{(labels == true).float().mean():.4f}")
-    results = []
-    for repair_model in own.repair_models:
-        args = trainer.parse_args([*rest, "--repair-model", repair_model])  # its own default epochs
-        start = time.time()
-        device = pick_device(args.device)
-        probs = out_of_fold_probabilities(images, labels, args.repair_folds, args.seed,
-                                          trainer.fold_trainer(args, device), device)
-        issues, suggested, _, act = find_label_repairs(labels, probs, "directional")
-        seconds = time.time() - start
-        print(f"--repair-model {repair_model}: {args.repair_folds} folds x {args.repair_epochs} epochs, "
-              f"{seconds:.0f}s (out-of-fold probabilities and cleanlab, wall clock)")
-        print(f"  {'images chosen by':<42} {'chosen':>7} {'hits':>6} {'precision':>9} {'recall':>7}")
-        every = score("cleanlab, every flag (--repair-pairs all)", issues.tolist(), planted)
-        directional = score("cleanlab + directional pairs (default)", issues[act].tolist(), planted)
-        fixed = labels.clone()
-        fixed[issues[act]] = suggested[act]
-        correct = (fixed == true).float().mean().item()
-        print(f"  training labels correct after repair: {correct:.4f}")
-        results.append({"repair_model": repair_model, "folds": args.repair_folds, "epochs": args.repair_epochs,
-                        "seed": args.seed, "seconds": round(seconds, 1), "every_flag": every,
-                        "directional": directional, "labels_correct_after": correct})
+    runs = []
+    for data_seed in own.data_seeds:
+        base = trainer.parse_args(rest)
+        train_path, manifest = data_for(data_seed, base.cifar_dir)
+        images, given = load_pickle(train_path)
+        true = true_labels(given, manifest)
+        for seed in own.seeds:
+            args = trainer.parse_args([*rest, "--seed", str(seed), "--data", str(train_path)])
+            device = pick_device(args.device)
+            start = time.time()
+            probs = out_of_fold_probabilities(images, given, args.repair_folds, args.seed,
+                                              trainer.fold_trainer(args, device), device)
+            issues, suggested, _, act, _ = find_label_repairs(given, probs, args.repair_pairs)
+            seconds = time.time() - start
+            result = score(given, true, issues, suggested, act)
+            fixed = given.clone()
+            fixed[issues[act]] = suggested[act]
+            result.update(data_seed=data_seed, seed=seed, seconds=round(seconds, 1),
+                          labels_correct_after=float((fixed == true).float().mean()),
+                          labels_correct_before=float((given == true).float().mean()))
+            runs.append(result)
+            pairs = ", ".join(f"{name} {p['relabeled']} ({p['wrong']} wrong)" for name, p in sorted(result["pairs"].items()))
+            print(f"data seed {data_seed}, fold seed {seed}: precision {result['precision']:.3f}, recall "
+                  f"{result['recall']:.3f}, labels correct {result['labels_correct_before']:.4f} -> "
+                  f"{result['labels_correct_after']:.4f}, {seconds:.0f}s; {pairs or 'nothing relabeled'}", flush=True)
+    if runs:
+        worst_wrong = max((p["wrong"] for r in runs for p in r["pairs"].values()), default=0)
+        print(f"over {len(runs)} runs: precision {min(r['precision'] for r in runs):.3f}-"
+              f"{max(r['precision'] for r in runs):.3f}, recall {min(r['recall'] for r in runs):.3f}-"
+              f"{max(r['recall'] for r in runs):.3f}, most wrong relabels in one pair {worst_wrong}, "
+              f"{min(r['seconds'] for r in runs):.0f}-{max(r['seconds'] for r in runs):.0f}s a run")
     if own.json:
-        Path(own.json).write_text(json.dumps(results, indent=1))
+        Path(own.json).write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""label_repair.py: the decision rule on hand-made probabilities, and repair on small real data."""
+import json
+
+import pytest
+import torch
+
+import label_repair
+import trainer
+from dataset import CLASSES, class_counts, load_pickle
+
+CAR, TRUCK, CAT = range(3)
+
+
+def balanced_view(q, labels):
+    """What fold models trained with the balanced sampler report for posteriors q under the labels' prior:
+    p proportional to q / prior (every class drawn equally often)."""
+    shares = torch.tensor(class_counts(labels), dtype=torch.float) / len(labels)
+    p = q / shares
+    return p / p.sum(1, keepdim=True)
+
+
+def hand_made(seed=0):
+    """Probabilities q under the labels' own prior for 1,040 images: 700 cars, 60 cats labeled "car"
+    (label noise, one way), 50 trucks (a hard class: often more car than truck), 200 cats and 30
+    cats that look a little like trucks (q still says cat), each group jittered."""
+    g = torch.Generator().manual_seed(seed)
+    groups = [((0.93, 0.02, 0.05), CAR, 700), ((0.10, 0.01, 0.89), CAR, 60), ((0.55, 0.40, 0.05), TRUCK, 50),
+              ((0.06, 0.01, 0.93), CAT, 200), ((0.03, 0.40, 0.57), CAT, 30)]
+    q = torch.cat([(torch.tensor(m).log() + 0.5 * torch.randn(n, 3, generator=g)).softmax(1) for m, _, n in groups])
+    labels = torch.cat([torch.full((n,), label) for _, label, n in groups])
+    return q, labels
+
+
+def test_the_labels_own_prior_is_recovered_from_balanced_probabilities():
+    # 3,000 images whose labels are drawn from q: q is exactly their probability under the labels' prior.
+    g = torch.Generator().manual_seed(0)
+    prior = torch.tensor([0.72, 0.06, 0.22])
+    true = torch.multinomial(prior, 3000, replacement=True, generator=g)
+    logits = torch.tensor([[2.5, 0.0, 0.0], [1.8, 1.5, 0.0], [0.0, 0.7, 2.5]])[true] + torch.randn(3000, 3, generator=g)
+    q = (logits + prior.log()).softmax(1)
+    labels = torch.multinomial(q, 1, generator=g).flatten()
+    p = balanced_view(q, labels)
+    assert (p - q).abs().max() > 0.5  # the sampler's view is far from it ...
+    assert (label_repair.prior_calibrated(p, labels) - q).abs().max() < 0.1  # ... and the fit brings it back
+
+
+def test_the_balanced_prior_cannot_relabel_into_the_rare_class():
+    q, labels = hand_made()
+    p = balanced_view(q, labels)
+    naive = (p.argmax(1) != labels).nonzero().flatten()  # relabel to the fold models' argmax
+    into_truck = naive[p[naive].argmax(1) == TRUCK]
+    assert (q[into_truck].argmax(1) != TRUCK).sum() > 30  # into truck against the labels' own prior
+    issues, suggested, _, act, why = label_repair.find_label_repairs(labels, p)
+    acted = dict(zip(issues[act].tolist(), suggested[act].tolist()))
+    assert all(q[i].argmax() == s for i, s in acted.items())  # only what the labels' prior suggests too
+    assert sum(acted.get(i) == CAT for i in range(700, 760)) >= 45  # the one-way noise is put right
+    assert set(why) <= {"", label_repair.KEPT_TWO_WAY, label_repair.KEPT_PRIOR}
+
+
+def test_pair_summary_counts_every_flag_once():
+    summary = label_repair.pair_summary([0, 0, 0, 2], [2, 2, 1, 1], ["", label_repair.KEPT_PRIOR, label_repair.KEPT_TWO_WAY, ""])
+    assert summary == {
+        "car->cat": {"flagged": 2, "acted_on": 1, "kept": {label_repair.KEPT_PRIOR: 1}},
+        "car->truck": {"flagged": 1, "acted_on": 0, "kept": {label_repair.KEPT_TWO_WAY: 1}},
+        "cat->truck": {"flagged": 1, "acted_on": 1, "kept": {}},
+    }
+
+
+@pytest.fixture(scope="module")
+def small_repair(small_data, tmp_path_factory):
+    """Automatic repair on the small real set (40 of its 200 training cats labeled car, no other noise)."""
+    figures = tmp_path_factory.mktemp("repair")
+    images, given = load_pickle(small_data / "train.pickle")
+    args = trainer.parse_args(["--data", str(small_data / "train.pickle"), "--figures", str(figures),
+                               "--repair-epochs", "6"])
+    repaired, keep = label_repair.repair_labels(images, given, args, "cpu", trainer.fold_trainer(args, "cpu"))
+    manifest = json.loads((small_data / "manifest.json").read_text())
+    return given, repaired, keep, json.loads((figures / "label_issues.json").read_text()), manifest
+
+
+def test_repair_of_one_way_noise_never_relabels_another_way(small_repair):
+    given, repaired, keep, report, manifest = small_repair
+    changed = (repaired != given).nonzero().flatten().tolist()
+    pairs = {(CLASSES[given[i]], CLASSES[repaired[i]]) for i in changed}
+    assert pairs <= {("car", "cat")}, pairs  # the only noise planted: cats labeled car
+    assert keep.all()
+    planted = {entry["index"] for entry in manifest["mislabeled"]}
+    assert len(set(changed) & planted) >= len(changed) / 2  # most of what it changed was planted noise
+
+
+def test_the_reports_per_pair_counts_are_the_relabels_applied(small_repair):
+    given, repaired, _, report, _ = small_repair
+    applied = {}
+    for i in (repaired != given).nonzero().flatten().tolist():
+        name = f"{CLASSES[given[i]]}->{CLASSES[repaired[i]]}"
+        applied[name] = applied.get(name, 0) + 1
+    assert {name: p["acted_on"] for name, p in report["pairs"].items() if p["acted_on"]} == applied
+    assert report["acted_on"] == sum(applied.values()) == sum(issue["acted"] for issue in report["issues"])
+    assert sum(p["flagged"] for p in report["pairs"].values()) == report["flagged"] == len(report["issues"])
+    for issue in report["issues"]:
+        assert issue["acted"] == ("kept_because" not in issue)
