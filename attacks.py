@@ -118,7 +118,7 @@ def attack_success(pred, labels, target=None):
 def attack_predictions(model, attack, images, labels, epsilon, batch_size, device, target=None, restarts=1):
     """Predicted classes [N] (CPU) of the attacked images, attacked batch by batch on device.
 
-    With restarts > 1 the attack runs again on the images it has not broken yet, and each
+    target is None (untargeted) or one class id for every image. With restarts > 1 the attack runs again on the images it has not broken yet, and each
     image keeps a successful result if any run found one: the worst case per image.
     """
     preds = []

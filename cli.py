@@ -51,6 +51,11 @@ def clip(text, limit=40):
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
+def one_line(error, limit=120):
+    """An exception's own message as one short line, for the detail at the end of an error line."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
 def run_main(main):
     """Run a script's main(): user mistakes become one 'error:' line and a non-zero exit status."""
     from untrusted import require_safe_torch  # untrusted.py imports this module
@@ -60,7 +65,7 @@ def run_main(main):
         require_safe_torch()  # before any file is opened
         main()
     except UserError as e:
-        message = " ".join(str(e).split())  # one line, whatever the message holds
+        message = one_line(e, limit=None)  # one line, whatever the message holds
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

@@ -28,7 +28,7 @@ from cli import ArgumentParser, UserError, atomic_write, check_output_dir, int_i
 from images import (
     IMAGE_EXTENSIONS, from_unit, image_pixels, list_folder, load_image_folder, to_unit,
 )
-from untrusted import PickledArray, PickledDataset, describe, read_cifar_batch, read_pickle, whole
+from untrusted import UnsafeFile, as_plain, describe, read_cifar_batch, read_pickle, whole
 
 CLASSES = ("car", "truck", "cat")
 # CIFAR-10 folder names and label ids of the three classes, in the project's label order.
@@ -54,11 +54,20 @@ IMAGE_BYTES = 3 * 32 * 32 * 4
 # Reading and writing course pickles
 
 
+def _plain(value, where):
+    """A numpy stand-in from the file as the tensor (or list) it stands for; one line if the file never
+    gave it its data."""
+    try:
+        value = as_plain(value)
+    except UnsafeFile as e:
+        raise UserError(f"{where}: refused: {e}") from None
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
 def _check_label(label, where):
     """A course label 0-2: a Python int, or what course code also writes (a numpy int, a one-element
     integer tensor or array), as an int."""
-    if isinstance(label, PickledArray):
-        label = torch.from_numpy(label.array)
+    label = _plain(label, where)
     if isinstance(label, torch.Tensor):
         if label.numel() != 1 or label.dtype.is_floating_point or label.dtype.is_complex or label.dtype == torch.bool:
             raise UserError(f"{where}: label is {describe(label)}, expected an int 0 (car), 1 (truck) or 2 (cat)")
@@ -72,8 +81,7 @@ def _check_label(label, where):
 def _check_image(image, where):
     """A course image: a float32 tensor [3, 32, 32], or what course code also writes (a numpy array, a
     batch of one [1, 3, 32, 32]), as a tensor [3, 32, 32]."""
-    if isinstance(image, PickledArray):
-        image = torch.from_numpy(image.array)
+    image = _plain(image, where)
     if not isinstance(image, torch.Tensor):
         raise UserError(f"{where}: image is {describe(image)}, expected a float32 tensor [3, 32, 32]")
     if tuple(image.shape) not in ((3, 32, 32), (1, 3, 32, 32)):
@@ -82,14 +90,15 @@ def _check_image(image, where):
         raise UserError(f"{where}: image has dtype {image.dtype}, expected torch.float32 in [-1, 1]")
     if image.requires_grad:
         raise UserError(f"{where}: image has requires_grad=True (autograd state); expected a plain tensor")
+    if image.layout != torch.strided or image.is_meta:
+        raise UserError(f"{where}: image is not a plain dense tensor ({image.layout}, {image.device})")
     return image.reshape(3, 32, 32)
 
 
 def _check_items(items, path, file_size):
     """Validate a loaded course list (or a pickled MyDataset of one); return (images [N,3,32,32] float32,
     labels [N] int64)."""
-    if isinstance(items, PickledDataset):
-        items = items.the_list
+    items = _plain(items, path)
     if not isinstance(items, (list, tuple)):
         raise UserError(f"{path}: expected a list of (image, label) tuples, found {type(items).__name__}")
     if len(items) == 0:

@@ -6,7 +6,7 @@ Grad-CAM (Selvaraju et al. 2017) weighs each feature map of a convolutional laye
 gradient of the target class's logit over that map, sums the weighted maps and keeps the
 positive part: where the layer saw evidence *for* the class. The layer is each
 architecture's `cam_layer` (models.py names it, once per network), the output of its last
-convolutional block; its coarse map (10x10 for SimpleModel, 4x4 for the others) is
+convolutional block; its coarse map (10x10 for SimpleModel, 4x4 for ResNet8, 3x3 for WhitenedCNN) is
 upsampled bilinearly to 32x32.
 
 Captum is imported only here, and this module only when --explain is given: plain
@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from cli import UserError
+from cli import UserError, one_line
 from models import model_mode
 
 INSTALL_HINT = "install it with `pip install captum` (see requirements.txt)"
@@ -83,9 +83,8 @@ def grad_cam(model, images, targets, device="cpu", batch_size=250, flip=False):
                 try:
                     coarse = explainer.attribute(view, target=target, relu_attributions=True)
                 except Exception as e:  # Captum's own error about a model it cannot hook
-                    detail = " ".join(str(e).split())[:200] or type(e).__name__
                     raise UserError(f"--explain: Captum cannot compute Grad-CAM for this "
-                                    f"{type(model).__name__} ({detail})") from None
+                                    f"{type(model).__name__} ({one_line(e, 200)})") from None
                 fine = LayerAttribution.interpolate(coarse.detach().float(), tuple(x.shape[-2:]), "bilinear")
                 batch = batch + (fine.flip(3) if mirrored else fine)
             maps.append((batch / len(views)).clamp_min(0)[:, 0].cpu())

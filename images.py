@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
+from cli import UserError, one_line
 from untrusted import read_input_file
 
 
@@ -184,8 +184,7 @@ def image_pixels(path, advice="fix or remove the file", exact_size=None):
     except MemoryError:
         raise BadImageFile(path, "cannot decode image: out of memory", "shrink it, or free some memory") from None
     except Exception as e:  # truncated or corrupt: Pillow raises OSError, SyntaxError, ValueError, ...
-        detail = " ".join(str(e).split())[:120] or type(e).__name__
-        raise BadImageFile(path, f"cannot decode image: truncated or corrupt ({detail})", advice) from None
+        raise BadImageFile(path, f"cannot decode image: truncated or corrupt ({one_line(e)})", advice) from None
 
 
 def load_image(path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, atomic_write, clip, int_in, pyplot, save_figure
+from cli import UserError, atomic_write, clip, int_in, one_line, pyplot, save_figure
 from dataset import CLASSES, class_counts
 from images import to_unit
 from models import predict
@@ -195,7 +195,7 @@ def read_corrections(path, n):
     try:
         entries = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ints past 4,300 digits
-        raise UserError(f"{where}: not valid JSON ({' '.join(str(e).split())[:100]})") from None
+        raise UserError(f"{where}: not valid JSON ({one_line(e, 100)})") from None
     if isinstance(entries, dict) and isinstance(entries.get("issues"), list):  # our own label_issues.json
         try:
             entries = [{"index": e["index"], "label": e["suggested"]} for e in entries["issues"]

@@ -163,7 +163,7 @@ class WhitenedCNN(Checkpointed):
     """
 
     arch = "whitened"
-    cam_layer = "layer3"  # the last conv group (4x4), read by Grad-CAM (explain.py)
+    cam_layer = "layer3"  # the last conv group (3x3), read by Grad-CAM (explain.py)
 
     def __init__(self, num_classes=3, widths=(32, 96, 192)):
         super().__init__()
@@ -260,22 +260,24 @@ def model_mode(model, training=False):
 
 
 @torch.no_grad()
-def predict(model, images, device="cpu", batch_size=1000, flip=False, probabilities=False):
+def predict(model, images, device="cpu", batch_size=1000, flip=False, probabilities=False, both=False):
     """The model's predictions for images [N, 3, 32, 32], in eval mode, batch by batch (model on device).
 
     Returns predicted labels [N] (the argmax of the logits: what any evaluation loop computes),
-    or with probabilities=True the softmax [N, classes]; both on the CPU. flip=True averages
-    the probabilities with those of the horizontally flipped images (test-time augmentation).
-    The model's train/eval mode is restored afterwards.
+    or with probabilities=True the softmax [N, classes], or with both=True (labels,
+    probabilities) from the same forward passes; all on the CPU. flip=True averages the
+    probabilities with those of the horizontally flipped images (test-time augmentation), and
+    the labels are their argmax. The model's train/eval mode is restored afterwards.
     """
-    outputs = []
+    labels, probs = [], []
     with model_mode(model, training=False):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
-            out = model(x)
+            logits = model(x)
+            p = logits.softmax(1)
             if flip:
-                out = (out.softmax(1) + model(x.flip(3)).softmax(1)) / 2
-            elif probabilities:
-                out = out.softmax(1)
-            outputs.append(out.float().cpu() if probabilities else out.argmax(1).cpu())
-    return torch.cat(outputs)
+                p = (p + model(x.flip(3)).softmax(1)) / 2
+            labels.append((p if flip else logits).argmax(1).cpu())
+            probs.append(p.float().cpu())
+    labels, probs = torch.cat(labels), torch.cat(probs)
+    return (labels, probs) if both else probs if probabilities else labels

@@ -349,10 +349,9 @@ def main(argv=None):
     start = time.perf_counter()
     flip = args.tta == "flip"
     # The labels scored are predict's own (the argmax of the logits, or of the flip-averaged
-    # probabilities), so the metrics equal any other evaluation; the probabilities, a second
-    # pass, only feed calibration and the mistakes' losses.
-    predictions = predict(model, images, device, args.batch_size, flip=flip)
-    probs = predict(model, images, device, args.batch_size, flip=flip, probabilities=True)
+    # probabilities), so the metrics equal any other evaluation; the probabilities feed
+    # calibration and the mistakes' losses.
+    predictions, probs = predict(model, images, device, args.batch_size, flip=flip, both=True)
     seconds = time.perf_counter() - start
     metrics = compute_metrics(labels, predictions)
     record = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n": metrics["n"], "tta": args.tta}

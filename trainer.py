@@ -41,7 +41,8 @@ from treatments import (
     TREATMENT_DEFAULTS, add_treatment_args, averaged_model, batch_loss, check_treatment_args, ema_decay,
     epoch_sampler, label_log_prior, mix_batch, new_average, update_average, validation_split,
 )
-from untrusted import check_resume_state, check_training_state, read_input_file, read_torch_file
+from resume_state import check_resume_state, check_training_state
+from untrusted import read_input_file, read_torch_file
 
 # ---------------------------------------------------------------------------
 # The recipe

@@ -86,12 +86,6 @@ def logit_adjusted_cross_entropy(logits, targets, log_prior, tau=1.0, label_smoo
     return F.cross_entropy(logits + tau * log_prior.to(logits), targets, label_smoothing=label_smoothing)
 
 
-def balanced_softmax_cross_entropy(logits, targets, prior, label_smoothing=0.0):
-    """Ren et al. (2020): softmax with each class's exp(logit) weighted by its prior. Since
-    prior_j * exp(z_j) = exp(z_j + log prior_j), this is logit adjustment with tau = 1."""
-    return logit_adjusted_cross_entropy(logits, targets, prior.log(), 1.0, label_smoothing)
-
-
 def mix_batch(x, y, mode, alpha, generator):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) within a batch.
 

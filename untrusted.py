@@ -13,8 +13,8 @@ Every data pickle, checkpoint, resume state and image file crosses this boundary
   torch.load(weights_only=True);
 * checkpoint contents: a state_dict of finite, plain tensors that fits the model.
 
-What a file *means* (the course's list of (image, label), a resume state) is checked by the
-module that reads it; this one guarantees that reading it is safe.
+What a file means (the course's list of (image, label), a resume state) is checked by the
+module named for it (dataset.py, resume_state.py); this one guarantees that reading it is safe.
 """
 import codecs
 import collections
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cli import MissingFile, UserError, clip
+from cli import MissingFile, UserError, clip, one_line
 
 # torch.load(weights_only=True) is the boundary every zip checkpoint crosses. It had published
 # bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
@@ -102,7 +102,9 @@ def describe(value):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
     if isinstance(value, (list, tuple, dict, set)):
         return f"a {type(value).__name__} of {len(value):,} items"
-    return f"a {type(value).__name__}"
+    name = {"PickledArray": "numpy array", "PickledDataset": "MyDataset"}.get(type(value).__name__,
+                                                                           type(value).__name__)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 # ---------------------------------------------------------------------------
@@ -113,19 +115,35 @@ class UnsafeFile(Exception):
     """A file that names something it may not (code, an unknown type) or claims more than it holds."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only allowlisted globals.
+class NotTorchFormat(UnsafeFile):
+    """Bytes that do not start the way torch's legacy serialization does."""
 
-    Reads from the file's bytes in memory. A BINBYTES opcode that declares more than the file
-    holds fails as truncated; before that, Python's C unpickler reserves the declared length
-    (untouched address space, not memory), which under an address-space limit is a
-    MemoryError, reported like any other broken file. encoding="bytes" reads Python 2's
-    strings as bytes (CIFAR-10's batches were written by Python 2).
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Python's own (pure-Python) unpickler, with three limits:
+
+    * find_class resolves only allowlisted globals;
+    * every opcode is charged OPCODE_COST bytes against the size of the data it reads (or
+      OPCODE_FLOOR, for small files), so the Python objects a file builds (an empty set is 216
+      bytes) stay within that size: a file of a million one-byte opcodes is refused instead of
+      taking hundreds of megabytes;
+    * BUILD (set an object's state) works only on the stand-ins below, which check what they
+      are given: on a tensor it would resize its storage, on a shared object it would change
+      it for every later load.
+
+    The pure-Python unpickler keeps its memo in a dict and reads what a BINBYTES opcode
+    declares only as far as the data goes; the C one grows its memo to any index a file names
+    and reserves any declared length first. encoding="bytes" reads Python 2's strings as bytes
+    (CIFAR-10's batches were written by Python 2).
     """
 
-    def __init__(self, file, allowed, what, persistent_load=None, encoding="ASCII"):
+    OPCODE_COST, OPCODE_FLOOR = 256, 2**20
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, allowed, what, size, persistent_load=None, encoding="ASCII"):
         super().__init__(file, encoding=encoding)
         self.allowed, self.what = allowed, what
+        self.opcodes_left = max(size, self.OPCODE_FLOOR) // self.OPCODE_COST
         if persistent_load is not None:
             self.persistent_load = persistent_load
 
@@ -137,6 +155,33 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return self.allowed[key]
         raise UnsafeFile(f"it refers to {clip(module)}.{clip(name)}, which a {self.what} never holds "
                          "(loading it could run code)")
+
+    def load_build(self):
+        if not isinstance(self.stack[-2], _BUILDABLE):
+            raise UnsafeFile(f"it sets the state of {describe(self.stack[-2])}, which a {self.what} never does")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def load(self):
+        """pickle._Unpickler.load, charging each opcode to the file's size."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)
+        self.read, self.readinto, self.readline = self._unframer.read, self._unframer.readinto, self._unframer.readline
+        self.metastack, self.stack, self.proto = [], [], 0
+        self.append = self.stack.append
+        read, dispatch = self.read, self.dispatch
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                self.opcodes_left -= 1
+                if self.opcodes_left < 0:
+                    raise UnsafeFile(f"it holds more pickle instructions than a {self.what} of its size does "
+                                     "(they would build more objects than the file holds)")
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:
+            return stop.value
 
 
 class Budget:
@@ -180,6 +225,7 @@ _STORAGE_TYPES = {
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy (non-zip) serialization
 _LEGACY_PROTOCOL = 1001
+_LEGACY_HEADERS = set()  # header bytes (magic, protocol, little-endian system info) already read as valid
 
 
 def whole(value):
@@ -253,17 +299,25 @@ def read_legacy_torch(data, allowed, what):
     f = io.BytesIO(data)
 
     def plain_pickle():
-        return RestrictedUnpickler(f, {}, what).load()
+        return RestrictedUnpickler(f, {}, what, len(data)).load()
 
-    try:
-        torch_format = plain_pickle() == _LEGACY_MAGIC and plain_pickle() == _LEGACY_PROTOCOL
-    except Exception:  # anything else at the start of the file
-        torch_format = False
-    if not torch_format:
-        raise UnsafeFile("not in torch's serialization format")
-    info = plain_pickle()
-    if not isinstance(info, dict) or info.get("little_endian") is not True:
-        raise UnsafeFile("written on a big-endian machine or with unknown system info; not supported")
+    # A data pickle holds one such blob per image, each starting with the same header: bytes
+    # already read as a valid header are skipped instead of unpickled again.
+    header = next((h for h in _LEGACY_HEADERS if data.startswith(h)), None)
+    if header is not None:
+        f.seek(len(header))
+    else:
+        try:
+            torch_format = plain_pickle() == _LEGACY_MAGIC and plain_pickle() == _LEGACY_PROTOCOL
+        except Exception:  # anything else at the start of the file
+            torch_format = False
+        if not torch_format:
+            raise NotTorchFormat("not in torch's serialization format")
+        info = plain_pickle()
+        if not isinstance(info, dict) or info.get("little_endian") is not True:
+            raise UnsafeFile("written on a big-endian machine or with unknown system info; not supported")
+        if f.tell() <= 512 and len(_LEGACY_HEADERS) < 8:
+            _LEGACY_HEADERS.add(data[: f.tell()])
     storages, claimed = {}, 0
 
     def persistent_load(saved_id):
@@ -288,7 +342,7 @@ def read_legacy_torch(data, allowed, what):
         return storages[key]
 
     obj = RestrictedUnpickler(f, {**allowed, **{("torch", n): t for n, t in _STORAGE_TYPES.items()}}, what,
-                              persistent_load).load()
+                              len(data), persistent_load).load()
     keys = plain_pickle()
     if not isinstance(keys, list) or sorted(keys) != sorted(storages) or len(set(keys)) != len(keys):
         raise UnsafeFile("its list of storages does not match the storages it uses")
@@ -386,12 +440,33 @@ class PickledDataset:
     """Stands in for a pickled MyDataset, the course's or a student's class of that name: its
     the_list, rebuilt as data (the class's own code never runs)."""
 
+    the_list = None  # until its state is set; a dataset without one is refused
+
     def __setstate__(self, state):
         if not isinstance(state, dict) or "the_list" not in state:
             raise UnsafeFile("a MyDataset holds no the_list")
         if state.get("transform") is not None:
             raise UnsafeFile("a MyDataset holds a transform (code); save it with transform=None")
         self.the_list = state["the_list"]
+
+
+# The objects whose state a pickle may set (BUILD): the stand-ins, which check it, and
+# OrderedDict, whose attributes a state_dict's _metadata sets.
+_BUILDABLE = (_DtypeSpec, PickledArray, PickledDataset, collections.OrderedDict)
+
+
+def as_plain(value):
+    """A stand-in turned into what it stands for (a PickledArray's array, a PickledDataset's list);
+    UnsafeFile for one whose state the file never set."""
+    if isinstance(value, PickledArray):
+        if value.array is None:
+            raise UnsafeFile("an array has no data (its state was never set)")
+        return value.array
+    if isinstance(value, PickledDataset):
+        if value.the_list is None:
+            raise UnsafeFile("a MyDataset has no the_list (its state was never set)")
+        return value.the_list
+    return value
 
 
 def _numpy_globals(budget):
@@ -450,14 +525,13 @@ def _data_pickle_globals(budget):
 def _unpickle(data, allowed, path, what, encoding="ASCII"):
     """The object in data through the restricted unpickler; every way a file can fail is one UserError line."""
     try:
-        return RestrictedUnpickler(io.BytesIO(data), allowed, what, encoding=encoding).load()
+        return RestrictedUnpickler(io.BytesIO(data), allowed, what, len(data), encoding=encoding).load()
     except UnsafeFile as e:
         raise UserError(f"{path}: refused: {e}") from None
     except RecursionError:
         raise UserError(f"{path}: refused: nested too deeply for a {what}") from None
     except Exception as e:  # a broken file can fail inside unpickling in many ways; all mean the same
-        detail = " ".join(str(e).split())[:120] or type(e).__name__
-        raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__}: {detail})") from None
+        raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__}: {one_line(e)})") from None
 
 
 def read_pickle(path, what, hint=""):
@@ -514,17 +588,22 @@ def _check_zip(data, path):
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             entries = archive.infolist()
+            # Bit 0: encrypted, bit 5: compressed patched data; torch.save sets neither.
+            flagged = [e.filename for e in entries if e.flag_bits & 0x21]
+            if flagged:
+                raise UserError(f"{path}: refused: entry {clip(flagged[0])} is encrypted or patched; torch.save "
+                                "writes neither")
             compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
             if compressed:
-                raise UserError(f"{path}: refused: compressed entries ({compressed[0]}); torch.save never "
+                raise UserError(f"{path}: refused: compressed entries ({clip(compressed[0])}); torch.save never "
                                 "compresses, and a compressed entry could expand without bound")
             total = sum(e.file_size for e in entries)
             if total > len(data):
                 raise UserError(f"{path}: refused: its entries claim {total:,} bytes but the file holds "
                                 f"{len(data):,}")
             bad = archive.testzip()
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {e})") from None
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, UnicodeError, EOFError) as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {one_line(e)})") from None
     if bad is not None:
         raise UserError(f"{path}: corrupted: the checksum of {bad} does not match its data")
 
@@ -549,8 +628,13 @@ def _torch_load(data, path):
                             "them could run code; only weight checkpoints are accepted") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle)") from None
     except Exception as e:  # torch raises many types for corrupt files
-        first = " ".join(str(e).split())[:120] or type(e).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({one_line(e)})") from None
+
+
+def _load_zip(data, path):
+    """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only."""
+    _check_zip(data, path)
+    return _torch_load(data, path)
 
 
 def read_torch_file(path, what):
@@ -558,8 +642,7 @@ def read_torch_file(path, what):
     data = read_input_file(path, what)
     if data[:4] != ZIP_MAGIC:
         raise UserError(f"{path}: not a {what} written by torch.save")
-    _check_zip(data, path)
-    return _torch_load(data, path)
+    return _load_zip(data, path)
 
 
 def read_checkpoint(path, architectures):
@@ -571,17 +654,16 @@ def read_checkpoint(path, architectures):
     """
     data = read_input_file(path, "checkpoint")
     if data[:4] == ZIP_MAGIC:
-        _check_zip(data, path)
-        ckpt = _torch_load(data, path)
+        ckpt = _load_zip(data, path)
     else:
         try:
             # What a legacy checkpoint may name: tensors, parameters, ordered dicts.
             allowed = {**tensor_globals(Budget(len(data))), ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
                        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter}
             ckpt = read_legacy_torch(data, allowed, "checkpoint")
+        except NotTorchFormat:
+            raise UserError(f"{path}: not a PyTorch checkpoint") from None
         except UnsafeFile as e:
-            if "serialization format" in str(e):
-                raise UserError(f"{path}: not a PyTorch checkpoint") from None
             raise UserError(f"{path}: refused: {e}") from None
         except Exception as e:  # broken bytes fail inside unpickling in many ways
             raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
@@ -615,6 +697,15 @@ def _describe_mismatch(model, state):
     return "; ".join(parts)
 
 
+def tensor_problem(value):
+    """Why a tensor from a file cannot be used as plain numbers (sparse, meta, NaN or infinite), or None."""
+    if value.layout != torch.strided or value.is_meta or value.is_quantized:
+        return f"is not a plain dense tensor ({value.layout}, {value.device})"
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        return "holds NaN or infinite values"
+    return None
+
+
 def check_state_dict(model, state, where):
     """Refuse a state_dict that does not fit model or holds non-finite or wrongly typed values."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -625,172 +716,10 @@ def check_state_dict(model, state, where):
         raise UserError(f"{where}: not a {type(model).__name__} checkpoint: {mismatch}")
     for key, expected in model.state_dict().items():
         value = state[key]
-        if value.layout != torch.strided or value.is_meta or value.is_quantized:
-            raise UserError(f"{where}: tensor {key} is not a plain dense tensor ({value.layout}, {value.device})")
-        if expected.is_floating_point():
-            if not value.is_floating_point():
-                raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected floating point")
-            if not torch.isfinite(value).all():
-                raise UserError(f"{where}: tensor {key} holds NaN or infinite values: the checkpoint is corrupted "
-                                "or comes from a diverged run")
-        elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected {expected.dtype}")
-
-
-# ---------------------------------------------------------------------------
-# Resume states: every field checked against what this trainer writes, before any of it is used
-
-
-def _mismatch(value, example, unit=False):
-    """Where value first differs in kind from example (same keys, lengths, types; floats finite, and in
-    [0, 1] with unit), as a few words, or None. Walks example's structure, never value's own depth."""
-    if isinstance(example, dict):
-        if not isinstance(value, dict):
-            return f"is {describe(value)}, expected a dict"
-        if set(value) != set(example):
-            extra = sorted(map(describe, set(value) - set(example)))[:3]
-            missing = sorted(map(str, set(example) - set(value)))[:3]
-            return f"has other keys (missing {', '.join(missing) or 'none'}; unexpected {', '.join(extra) or 'none'})"
-        for key in example:
-            problem = _mismatch(value[key], example[key], unit)
-            if problem:
-                return f"{key} {problem}"
-        return None
-    if isinstance(example, (list, tuple)):
-        if type(value) is not type(example) or len(value) != len(example):
-            return f"is {describe(value)}, expected a {type(example).__name__} of {len(example)} items"
-        for i, (v, e) in enumerate(zip(value, example)):
-            problem = _mismatch(v, e, unit)
-            if problem:
-                return f"[{i}] {problem}"
-        return None
-    if isinstance(example, torch.Tensor):
-        if not isinstance(value, torch.Tensor) or value.dtype != example.dtype or value.shape != example.shape:
-            return f"is {describe(value)}, expected {describe(example)}"
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            return "holds NaN or infinite values"
-        return None
-    if isinstance(example, float):
-        if not isinstance(value, float) or not math.isfinite(value) or unit and not 0 <= value <= 1:
-            return f"is {describe(value)}, expected a finite number" + (" from 0 to 1" if unit else "")
-        return None
-    if type(value) is not type(example):  # bool, int, str, None
-        return f"is {describe(value)}, expected {describe(type(example)())}"
-    return None
-
-
-# The optimizer state per parameter, by optimizer: a scalar step count, or tensors shaped like the parameter.
-OPTIMIZER_STATE = {torch.optim.Adam: {"step": "scalar", "exp_avg": "param", "exp_avg_sq": "param"},
-                   torch.optim.AdamW: {"step": "scalar", "exp_avg": "param", "exp_avg_sq": "param"},
-                   torch.optim.SGD: {"momentum_buffer": "param"}}
-# The scheduler's progress; everything else in its state is configuration, equal to a fresh one's.
-SCHEDULER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"}
-
-
-def check_resume_state(state, where, expect):
-    """Refuse a resume state that does not fit this run, with one line naming the field.
-
-    expect: epochs (of the run), images (count of the training data), config (this run's
-    settings, by key), fingerprint (the data's SHA-256), entry (what one epoch's history record
-    looks like, its loss aside), best (whether --select best-val keeps a best record), ema
-    (whether an average of the weights is kept). This checks what decides what to train on;
-    check_training_state checks the weights and the optimizer's and scheduler's state.
-    """
-    fix = "; delete it to start over, or run without --resume"
-    needed = {"model", "optimizer", "scheduler", "epoch", "history", "labels", "keep", "config", "data_sha256",
-              "average", "best"}
-    if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["config"], dict):
-        raise UserError(f"--resume: {where} is not a resume state of this trainer.py{fix}")
-    config = state["config"]
-    changed = [k for k, v in expect["config"].items() if type(config.get(k)) is not type(v) or config.get(k) != v]
-    if changed:
-        raise UserError(f"--resume: {where} belongs to a run with other settings ({', '.join(changed)}); "
-                        "use the same flags or start without --resume")
-    if not isinstance(state["data_sha256"], str) or state["data_sha256"] != expect["fingerprint"]:
-        raise UserError(f"--resume: {config['data']} has changed since {where} was written (its stored labels "
-                        "belong to other images); restore that data or start without --resume")
-    epoch, n, history = state["epoch"], expect["images"], state["history"]
-    if not whole(epoch) or not 1 <= epoch <= expect["epochs"]:
-        raise UserError(f"--resume: {where}: epoch {describe(epoch)} is not one of 1 to {expect['epochs']}{fix}")
-    problems = {"labels": _mismatch(state["labels"], torch.zeros(n, dtype=torch.long)),
-                "keep": _mismatch(state["keep"], torch.zeros(n, dtype=torch.bool)), "history": None, "best": None,
-                "average": None}
-    if problems["labels"] is None and not ((state["labels"] >= 0) & (state["labels"] <= 2)).all():
-        problems["labels"] = "holds values other than 0 (car), 1 (truck) and 2 (cat)"
-    if problems["keep"] is None and not state["keep"].any():
-        problems["keep"] = "keeps no image"
-    if not isinstance(history, list) or len(history) != epoch:
-        problems["history"] = f"is {describe(history)}, expected a list of {epoch} epochs"
-    else:
-        for i, entry in enumerate(history):
-            if not isinstance(entry, dict) or not isinstance(entry.get("loss"), float):
-                problem = f"is {describe(entry)}, not an epoch's record with its loss"
-            else:
-                problem = _mismatch({k: v for k, v in entry.items() if k != "loss"}, expect["entry"], unit=True)
-                if problem is None and (entry["epoch"] != i + 1 or not 0 <= entry["loss"] < math.inf):
-                    problem = f"is not epoch {i + 1}'s record"
-            if problem:
-                problems["history"] = f"[{i}] {problem}"
-                break
-    best = state["best"]
-    if expect["best"] and not (
-            problems["history"] is None and isinstance(best, dict) and set(best) == {"epoch", "score"}
-            and whole(best["epoch"]) and 1 <= best["epoch"] <= epoch
-            and best["score"] == history[best["epoch"] - 1]["val"]["balanced_accuracy"]):
-        problems["best"] = f"is {describe(best)}, not the record of one of its epochs"
-    if not expect["best"] and best is not None:
-        problems["best"] = f"is {describe(best)}, but this run keeps the last epoch"
-    if (state["average"] is None) == expect["ema"]:
-        problems["average"] = "is missing" if expect["ema"] else "is there, but this run keeps no average"
-    for key, problem in problems.items():
+        if expected.is_floating_point() != value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise UserError(f"{where}: tensor {key} has dtype {value.dtype}, expected "
+                            f"{'floating point' if expected.is_floating_point() else expected.dtype}")
+        problem = tensor_problem(value)
         if problem:
-            raise UserError(f"--resume: {where}: {key} {problem}{fix}")
-
-
-def _optimizer_problem(saved, optimizer):
-    fresh = optimizer.state_dict()
-    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
-        return f"is {describe(saved)}, not an optimizer's state"
-    problem = _mismatch(saved["param_groups"], fresh["param_groups"])
-    if problem:
-        return f"param_groups {problem}"
-    for group, fresh_group in zip(saved["param_groups"], fresh["param_groups"]):
-        # The schedule moves the learning rate and momentum; every other setting is this run's.
-        if any(group[k] != v for k, v in fresh_group.items() if k not in ("lr", "momentum", "betas")):
-            return "param_groups hold other settings than this run's"
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them in order
-    expected = OPTIMIZER_STATE.get(type(optimizer), {})
-    for index, entry in saved["state"].items():
-        if not (whole(index) and 0 <= index < len(params)) or not isinstance(entry, dict) or set(entry) - set(expected):
-            return f"state {describe(index)} is not the state of one of this model's parameters"
-        for name, value in entry.items():
-            if value is None and name == "momentum_buffer":
-                continue
-            like = torch.zeros(()) if expected[name] == "scalar" else torch.zeros_like(params[index], device="cpu")
-            problem = _mismatch(value.cpu() if isinstance(value, torch.Tensor) else value, like)
-            if problem:
-                return f"state {index} {name} {problem}"
-    return None
-
-
-def check_training_state(state, where, model, optimizer, scheduler, steps_per_epoch):
-    """Refuse a resume state whose weights, optimizer or scheduler state do not fit this run's, before loading."""
-    fix = "; delete it to start over, or run without --resume"
-    check_state_dict(model, state["model"], f"--resume: {where}")
-    if state["average"] is not None:
-        check_state_dict(model, state["average"], f"--resume: {where} (average)")
-    problem = _optimizer_problem(state["optimizer"], optimizer)
-    if problem:
-        raise UserError(f"--resume: {where}: optimizer {problem}{fix}")
-    fresh, saved = scheduler.state_dict(), state["scheduler"]
-    if not isinstance(saved, dict) or set(saved) != set(fresh):
-        problem = f"is {describe(saved)}, not the state of this run's schedule"
-    elif any(type(saved[k]) is not type(v) or saved[k] != v for k, v in fresh.items() if k not in SCHEDULER_PROGRESS):
-        problem = "has other settings than this run's schedule"
-    else:
-        problem = _mismatch({k: saved[k] for k in SCHEDULER_PROGRESS}, {k: fresh[k] for k in SCHEDULER_PROGRESS})
-        if problem is None and (saved["last_epoch"] != state["epoch"] * steps_per_epoch
-                                or saved["_step_count"] != saved["last_epoch"] + 1):
-            problem = f"stands at step {describe(saved['last_epoch'])}, not at the end of epoch {state['epoch']}"
-    if problem:
-        raise UserError(f"--resume: {where}: scheduler {problem}{fix}")
+            advice = ": the checkpoint is corrupted or comes from a diverged run" if "NaN" in problem else ""
+            raise UserError(f"{where}: tensor {key} {problem}{advice}")

@@ -151,6 +151,20 @@ def label_as_raw(raw_label):
 GOOD = [(torch.zeros(3, 32, 32), i % 3) for i in range(4)]
 
 
+class CallThenSetState(Call):
+    """Pickles as func(*args) followed by BUILD with state: setting an object's state."""
+
+    def __init__(self, func, args, state):
+        super().__init__(func, *args)
+        self.state = state
+
+    def __reduce__(self):
+        return (self.func, self.args, self.state)
+
+
+UNBUILT_ARRAY = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
+
+
 class MyDataset:
     """A student's own MyDataset: pickled as test_hostile_inputs.MyDataset."""
 
@@ -217,10 +231,10 @@ DATA_CASES = {
         legacy_blob(image_bytes(), 3072), size=(3, 32, 2**40), stride=(1, 1, 1)), 0)]),
     "tensor with a negative stride": ("invalid layout", lambda m: [(crafted_tensor(
         legacy_blob(image_bytes(), 3072), stride=(1024, 32, -1)), 0)]),
-    "one image referenced 200,000 times": ("by reference", lambda m: [(SHARED, 0)] * 200_000),
-    "one storage rebuilt 100,000 times": ("tensor objects", lambda m: one_image_rebuilt(100_000)),
+    "one image referenced 200,000 times": ("pickle instructions", lambda m: [(SHARED, 0)] * 200_000),
+    "one storage rebuilt 100,000 times": ("pickle instructions", lambda m: one_image_rebuilt(100_000)),
     "BINBYTES8 declaring a terabyte": ("data pickle", lambda m: Raw(b"\x80\x04\x8e" + struct.pack("<Q", 2**40))),
-    "deeply nested lists": ("not an (image, label) pair",
+    "deeply nested lists": ("pickle instructions",
                             lambda m: Raw(b"\x80\x02" + b"]" * 50_000 + b"a" * 49_999 + b".")),
     # Silent garbage the course format does not allow
     "image requires grad": ("requires_grad", lambda m: [(crafted_tensor(
@@ -231,9 +245,22 @@ DATA_CASES = {
     "2-element label tensor": ("label", lambda m: [(torch.zeros(3, 32, 32), torch.tensor([1, 2]))]),
     "huge int label": ("label", lambda m: [(torch.zeros(3, 32, 32), 2**100)]),
     "label 10**5000": ("label a number of about 5,000 digits", lambda m: [(torch.zeros(3, 32, 32), 10**5000)]),
-    "label nested 200,000 lists deep": ("label a list of 1 items",
+    "label nested 200,000 lists deep": ("pickle instructions",
                                         lambda m: label_as_raw(b"]" * 200_000 + b"a" * 199_999)),
     "label a megabyte string": ("(1,048,576 characters)", lambda m: [(torch.zeros(3, 32, 32), "x" * 2**20)]),
+    "label nested 1,000 lists deep": ("label a list of 1 items",
+                                      lambda m: label_as_raw(b"]" * 1_000 + b"a" * 999)),
+    # Found by review: what Python's C unpickler or BUILD let a few bytes do
+    "memo index 2**30 (the C unpickler grew its memo to it)": (
+        "expected a list", lambda m: Raw(b"\x80\x02Nr" + struct.pack("<I", 2**30) + b".")),
+    "a million one-byte opcodes (empty sets)": ("pickle instructions", lambda m: Raw(b"\x80\x04" + b"\x8f0" * 500_000 + b"N.")),
+    "BUILD resizing a tensor's storage": ("it sets the state of a torch.float32 tensor", lambda m: [(CallThenSetState(
+        torch._utils._rebuild_tensor_v2, (Call(torch.storage._load_from_bytes, legacy_blob(image_bytes()[:4], 1)), 0,
+                                          (1,), (1,), False, collections.OrderedDict()), (None, 0, (3, 32, 32), (1024, 32, 1))), 0)]),
+    "a numpy array that never gets its data": ("an array has no data", lambda m: Raw(
+        b"\x80\x02]" + UNBUILT_ARRAY + b"K\x00\x86a.")),
+    "a MyDataset that never gets its list": ("a MyDataset has no the_list", lambda m: Raw(
+        b"\x80\x02cdataset\nMyDataset\n)\x81.")),
     "float64 image": ("float64", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float64), 0)]),
     "float16 image": ("float16", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float16), 0)]),
     "NaN image": ("NaN", lambda m: [(torch.full((3, 32, 32), float("nan")), 0)]),
@@ -256,6 +283,25 @@ def write_data_case(d, name, marker):
     if "protocol 5" in name:
         assert b"_frombuffer" in path.read_bytes() or "numpy" not in name
     return path
+
+
+def legacy_prefix():
+    out = io.BytesIO()
+    for obj in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"protocol_version": LEGACY_PROTOCOL, "little_endian": True,
+                                                "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(obj, out, protocol=2)
+    return out.getvalue()
+
+
+def zip_flags(bits, bad_name=False):
+    """The shipped checkpoint with general-purpose flag bits set in its central directory."""
+    data, i = bytearray(PRETRAINED.read_bytes()), 0
+    while (i := data.find(b"PK\x01\x02", i)) >= 0:
+        struct.pack_into("<H", data, i + 8, struct.unpack_from("<H", data, i + 8)[0] | bits)
+        if bad_name:
+            data[i + 46] = 0xFF
+        i += 4
+    return bytes(data)
 
 
 def state_dict_file(path, state, legacy=False):
@@ -319,6 +365,11 @@ CHECKPOINT_CASES = {
         {"model_state_dict": base_state(), "arch": 10**5000}, p, _use_new_zipfile_serialization=False)),
     "legacy format holding Parameters": ("ok", lambda p, m: state_dict_file(
         p, {k: torch.nn.Parameter(v) for k, v in base_state().items()}, legacy=True)),
+    "legacy file setting the state of torch.FloatStorage": ("it sets the state of a _StorageType", lambda p, m: p.write_bytes(
+        legacy_prefix() + b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeK\x05sb." + pickle.dumps([], protocol=2))),
+    "zip entry flagged encrypted": ("encrypted or patched", lambda p, m: p.write_bytes(zip_flags(0x1))),
+    "zip entry flagged patched": ("encrypted or patched", lambda p, m: p.write_bytes(zip_flags(0x20))),
+    "zip entry name not UTF-8": ("checkpoint", lambda p, m: p.write_bytes(zip_flags(0x800, bad_name=True))),
     "legacy Parameter with a hook": ("hooks", lambda p, m: state_dict_file(
         p, {**base_state(), "fc3.bias": Call(torch._utils._rebuild_parameter, base_state()["fc3.bias"], True,
                                               collections.OrderedDict([(1, 2)]))},
@@ -873,6 +924,15 @@ RESUME_CASES = {
     "schedule at another step": ("scheduler stands at step 3", tamper("scheduler", set_item("last_epoch", 3))),
     "schedule of another length": ("scheduler has other settings", tamper("scheduler", set_item("total_steps", 7))),
     "schedule as a list": ("scheduler is a list", tamper("scheduler", lambda s: [s])),
+    "labels on the meta device": ("labels is not a plain dense tensor", tamper(
+        "labels", lambda labels: torch.zeros_like(labels, device="meta"))),
+    "sparse keep mask": ("keep is not a plain dense tensor", tamper("keep", lambda keep: keep.to_sparse())),
+    "Adam state without its moments": ("optimizer state 0 is not the state", tamper("optimizer", lambda o: {
+        **o, "state": {**o["state"], 0: {"step": o["state"][0]["step"]}}})),
+    "Adam's second moment negative": ("exp_avg_sq holds negative values", tamper("optimizer", in_optimizer_state(
+        "exp_avg_sq", lambda t: -torch.ones_like(t)))),
+    "Adam's step count off": ("state 0 step counts 1 steps", tamper("optimizer", in_optimizer_state(
+        "step", lambda t: torch.ones_like(t)))),
     "not a dict": ("is not a resume state", None),
 }
 

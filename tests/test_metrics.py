@@ -165,6 +165,12 @@ def test_expected_calibration_error_against_a_plain_loop():
     assert sum(c["curve"]["count"]) == 1000
     # A perfect, fully confident model is perfectly calibrated.
     assert metrics.calibration([0, 1, 2], [0, 1, 2], np.eye(3))["ece"] == 0
+    # The reliability curve is scikit-learn's calibration_curve, bin for bin.
+    from sklearn.calibration import calibration_curve
+
+    accuracy, mean_confidence = calibration_curve(correct.astype(int), confidence, n_bins=15, strategy="uniform")
+    assert c["curve"]["accuracy"] == pytest.approx(accuracy.tolist(), abs=1e-6)
+    assert c["curve"]["confidence"] == pytest.approx(mean_confidence.tolist(), abs=1e-6)
 
 
 def test_format_metrics_shows_calibration_and_most_confused_pairs():

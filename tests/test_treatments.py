@@ -38,13 +38,15 @@ def test_balanced_softmax_is_cross_entropy_under_a_uniform_prior_and_weights_by_
     torch.manual_seed(0)
     logits, targets = torch.randn(8, 3), torch.randint(0, 3, (8,))
     uniform = torch.full((3,), 1 / 3)
-    assert torch.allclose(treatments.balanced_softmax_cross_entropy(logits, targets, uniform),
+    # --loss balanced-softmax (Ren et al. 2020) is logit adjustment with tau 1: prior_j exp(z_j) = exp(z_j + log prior_j).
+    assert torch.allclose(treatments.logit_adjusted_cross_entropy(logits, targets, uniform.log(), tau=1.0),
                           F.cross_entropy(logits, targets))
     # Ren et al.'s form: -log(prior_y exp(z_y) / sum_j prior_j exp(z_j)).
     prior = torch.tensor([0.72, 0.06, 0.22])
     weighted = prior * logits.exp()
     by_hand = -(weighted[torch.arange(8), targets] / weighted.sum(1)).log().mean()
-    assert torch.allclose(treatments.balanced_softmax_cross_entropy(logits, targets, prior), by_hand, atol=1e-6)
+    assert torch.allclose(treatments.logit_adjusted_cross_entropy(logits, targets, prior.log(), tau=1.0), by_hand,
+                          atol=1e-6)
 
 
 def test_label_prior_is_the_share_of_each_class():

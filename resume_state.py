@@ -1,0 +1,174 @@
+"""trainer.py's resume state (<out>.resume.pt): every field checked against this run before any is used.
+
+A resume state is a torch.save() file like a checkpoint, read the same safe way
+(untrusted.read_torch_file), but it decides what a resumed run trains on: the repaired labels,
+the images kept, the weights and the optimizer's and schedule's place. A tampered or damaged
+state must not be used silently (an integer 'keep' would index images instead of masking
+them) nor fail later with advice that does not fit (NaN in Adam's moments is not a learning
+rate to lower). check_resume_state checks what decides what to train on, as soon as the state
+is read; check_training_state the weights, optimizer and schedule, before they are loaded.
+A state that does not fit is one line naming the field.
+"""
+import math
+
+import torch
+
+from cli import UserError
+from untrusted import check_state_dict, describe, tensor_problem, whole
+
+
+def _mismatch(value, example, unit=False):
+    """Where value first differs in kind from example (same keys, lengths, types; floats finite, and in
+    [0, 1] with unit), as a few words, or None. Walks example's structure, never value's own depth."""
+    if isinstance(example, dict):
+        if not isinstance(value, dict):
+            return f"is {describe(value)}, expected a dict"
+        if set(value) != set(example):
+            extra = sorted(map(describe, set(value) - set(example)))[:3]
+            missing = sorted(map(str, set(example) - set(value)))[:3]
+            return f"has other keys (missing {', '.join(missing) or 'none'}; unexpected {', '.join(extra) or 'none'})"
+        for key in example:
+            problem = _mismatch(value[key], example[key], unit)
+            if problem:
+                return f"{key} {problem}"
+        return None
+    if isinstance(example, (list, tuple)):
+        if type(value) is not type(example) or len(value) != len(example):
+            return f"is {describe(value)}, expected a {type(example).__name__} of {len(example)} items"
+        for i, (v, e) in enumerate(zip(value, example)):
+            problem = _mismatch(v, e, unit)
+            if problem:
+                return f"[{i}] {problem}"
+        return None
+    if isinstance(example, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.dtype != example.dtype or value.shape != example.shape:
+            return f"is {describe(value)}, expected {describe(example)}"
+        return tensor_problem(value)
+    if isinstance(example, float):
+        if not isinstance(value, float) or not math.isfinite(value) or unit and not 0 <= value <= 1:
+            return f"is {describe(value)}, expected a finite number" + (" from 0 to 1" if unit else "")
+        return None
+    if type(value) is not type(example):  # bool, int, str, None
+        kind = {bool: "True or False", int: "a whole number", str: "text"}.get(type(example), "None")
+        return f"is {describe(value)}, expected {kind}"
+    return None
+
+
+# The optimizer state per parameter, by optimizer: a scalar step count, or tensors shaped like the parameter.
+OPTIMIZER_STATE = {torch.optim.Adam: {"step": "scalar", "exp_avg": "param", "exp_avg_sq": "param"},
+                   torch.optim.AdamW: {"step": "scalar", "exp_avg": "param", "exp_avg_sq": "param"},
+                   torch.optim.SGD: {"momentum_buffer": "param"}}
+RESUME_FIX = "; delete it to start over, or run without --resume"
+# The scheduler's progress; everything else in its state is configuration, equal to a fresh one's.
+SCHEDULER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"}
+
+
+def check_resume_state(state, where, expect):
+    """Refuse a resume state that does not fit this run, with one line naming the field.
+
+    expect: epochs (of the run), images (count of the training data), config (this run's
+    settings, by key), fingerprint (the data's SHA-256), entry (what one epoch's history record
+    looks like, its loss aside), best (whether --select best-val keeps a best record), ema
+    (whether an average of the weights is kept). This checks what decides what to train on;
+    check_training_state checks the weights and the optimizer's and scheduler's state.
+    """
+    needed = {"model", "optimizer", "scheduler", "epoch", "history", "labels", "keep", "config", "data_sha256",
+              "average", "best"}
+    if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["config"], dict):
+        raise UserError(f"--resume: {where} is not a resume state of this trainer.py{RESUME_FIX}")
+    config = state["config"]
+    changed = [k for k, v in expect["config"].items() if type(config.get(k)) is not type(v) or config.get(k) != v]
+    if changed:
+        raise UserError(f"--resume: {where} belongs to a run with other settings ({', '.join(changed)}); "
+                        "use the same flags or start without --resume")
+    if not isinstance(state["data_sha256"], str) or state["data_sha256"] != expect["fingerprint"]:
+        raise UserError(f"--resume: {config['data']} has changed since {where} was written (its stored labels "
+                        "belong to other images); restore that data or start without --resume")
+    epoch, n, history = state["epoch"], expect["images"], state["history"]
+    if not whole(epoch) or not 1 <= epoch <= expect["epochs"]:
+        raise UserError(f"--resume: {where}: epoch {describe(epoch)} is not one of 1 to {expect['epochs']}{RESUME_FIX}")
+    problems = {"labels": _mismatch(state["labels"], torch.zeros(n, dtype=torch.long)),
+                "keep": _mismatch(state["keep"], torch.zeros(n, dtype=torch.bool)), "history": None, "best": None,
+                "average": None}
+    if problems["labels"] is None and not ((state["labels"] >= 0) & (state["labels"] <= 2)).all():
+        problems["labels"] = "holds values other than 0 (car), 1 (truck) and 2 (cat)"
+    if problems["keep"] is None and not state["keep"].any():
+        problems["keep"] = "keeps no image"
+    if not isinstance(history, list) or len(history) != epoch:
+        problems["history"] = f"is {describe(history)}, expected a list of {epoch} epochs"
+    else:
+        for i, entry in enumerate(history):
+            if not isinstance(entry, dict) or not isinstance(entry.get("loss"), float):
+                problem = f"is {describe(entry)}, not an epoch's record with its loss"
+            else:
+                problem = _mismatch({k: v for k, v in entry.items() if k != "loss"}, expect["entry"], unit=True)
+                if problem is None and (entry["epoch"] != i + 1 or not 0 <= entry["loss"] < math.inf):
+                    problem = f"is not epoch {i + 1}'s record"
+            if problem:
+                problems["history"] = f"[{i}] {problem}"
+                break
+    best = state["best"]
+    if expect["best"] and not (
+            problems["history"] is None and isinstance(best, dict) and set(best) == {"epoch", "score"}
+            and whole(best["epoch"]) and 1 <= best["epoch"] <= epoch
+            and best["score"] == history[best["epoch"] - 1]["val"]["balanced_accuracy"]):
+        problems["best"] = f"is {describe(best)}, not the record of one of its epochs"
+    if not expect["best"] and best is not None:
+        problems["best"] = f"is {describe(best)}, but this run keeps the last epoch"
+    if (state["average"] is None) == expect["ema"]:
+        problems["average"] = "is missing" if expect["ema"] else "is there, but this run keeps no average"
+    for key, problem in problems.items():
+        if problem:
+            raise UserError(f"--resume: {where}: {key} {problem}{RESUME_FIX}")
+
+
+def _optimizer_problem(saved, optimizer, steps):
+    fresh = optimizer.state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
+        return f"is {describe(saved)}, not an optimizer's state"
+    problem = _mismatch(saved["param_groups"], fresh["param_groups"])
+    if problem:
+        return f"param_groups {problem}"
+    for group, fresh_group in zip(saved["param_groups"], fresh["param_groups"]):
+        # The schedule moves the learning rate and momentum; every other setting is this run's.
+        if any(group[k] != v for k, v in fresh_group.items() if k not in ("lr", "momentum", "betas")):
+            return "param_groups hold other settings than this run's"
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them in order
+    expected = OPTIMIZER_STATE.get(type(optimizer), {})
+    for index, entry in saved["state"].items():
+        if not (whole(index) and 0 <= index < len(params)) or not isinstance(entry, dict) or set(entry) != set(expected):
+            return f"state {describe(index)} is not the state of one of this model's parameters"
+        for name, value in entry.items():
+            if value is None and name == "momentum_buffer":
+                continue
+            like = torch.zeros(()) if expected[name] == "scalar" else torch.zeros_like(params[index], device="cpu")
+            problem = _mismatch(value.cpu() if isinstance(value, torch.Tensor) and not value.is_meta else value, like)
+            if problem is None and name == "step" and value != steps:
+                problem = f"counts {float(value):g} steps, not the {steps} of the saved epochs"
+            if problem is None and name == "exp_avg_sq" and (value < 0).any():
+                problem = "holds negative values (a mean of squares)"
+            if problem:
+                return f"state {index} {name} {problem}"
+    return None
+
+
+def check_training_state(state, where, model, optimizer, scheduler, steps_per_epoch):
+    """Refuse a resume state whose weights, optimizer or scheduler state do not fit this run's, before loading."""
+    check_state_dict(model, state["model"], f"--resume: {where}")
+    if state["average"] is not None:
+        check_state_dict(model, state["average"], f"--resume: {where} (average)")
+    problem = _optimizer_problem(state["optimizer"], optimizer, state["epoch"] * steps_per_epoch)
+    if problem:
+        raise UserError(f"--resume: {where}: optimizer {problem}{RESUME_FIX}")
+    fresh, saved = scheduler.state_dict(), state["scheduler"]
+    if not isinstance(saved, dict) or set(saved) != set(fresh):
+        problem = f"is {describe(saved)}, not the state of this run's schedule"
+    elif any(type(saved[k]) is not type(v) or saved[k] != v for k, v in fresh.items() if k not in SCHEDULER_PROGRESS):
+        problem = "has other settings than this run's schedule"
+    else:
+        problem = _mismatch({k: saved[k] for k in SCHEDULER_PROGRESS}, {k: fresh[k] for k in SCHEDULER_PROGRESS})
+        if problem is None and (saved["last_epoch"] != state["epoch"] * steps_per_epoch
+                                or saved["_step_count"] != saved["last_epoch"] + 1):
+            problem = f"stands at step {describe(saved['last_epoch'])}, not at the end of epoch {state['epoch']}"
+    if problem:
+        raise UserError(f"--resume: {where}: scheduler {problem}{RESUME_FIX}")
