@@ -1,6 +1,7 @@
 """What more processes buy (torchrun + DDP): wall time of label repair and of an epoch, and the accuracy reached.
 
     python bench/distributed.py                       # label repair and epochs: 1 vs 2 processes, 1 thread each
+    python bench/distributed.py --settings 1x1 2x1 1x2    # and 1 process of 2 threads
     python bench/distributed.py --model best --repair-model best --epochs 2
     python bench/distributed.py --accuracy            # default recipe, dev balanced accuracy, 3 seeds, 1 vs 2 processes
     python bench/distributed.py --settings 1x1 4x1 --device cuda    # a machine with 4 GPUs: 1 vs 4 processes
@@ -63,11 +64,16 @@ def worker(out, trainer_flags):
     from label_repair import repair_labels
 
     def synchronized():
+        """(wall clock, this process's CPU time), once every rank got here."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if dist.is_initialized():
             dist.barrier()
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
+
+    def since(start):
+        wall, cpu = synchronized()
+        return wall - start[0], cpu - start[1]
 
     args = trainer.parse_args(trainer_flags)
     device = ddp.setup(args.device)
@@ -76,16 +82,17 @@ def worker(out, trainer_flags):
     if args.fix_labels == "auto":
         start = synchronized()
         repair_labels(images, labels, args, device, trainer.fold_trainer(args, device))
-        result["repair_seconds"] = synchronized() - start
+        result["repair_seconds"], result["repair_cpu_seconds"] = since(start)
     model = trainer.new_model(args, images, device, "main")
     trained = ddp.wrap(model, device)
     optimizer, scheduler = trainer.make_optimizer(model, args, args.epochs * math.ceil(len(labels) / args.batch_size))
-    result["epoch_seconds"] = []
+    result["epoch_seconds"], result["epoch_cpu_seconds"] = [], []
     for epoch in range(1, args.epochs + 1):
         start = synchronized()
         trainer.run_epoch(trained, optimizer, scheduler, images, labels, args, trainer.seeded(args.seed, "main", epoch),
                           device)
-        result["epoch_seconds"].append(synchronized() - start)
+        for key, value in zip(("epoch_seconds", "epoch_cpu_seconds"), since(start)):
+            result[key].append(value)
     if ddp.is_main():
         Path(out).write_text(json.dumps(result))
 
@@ -96,23 +103,35 @@ def timing(settings, rounds, trainer_flags):
         for _ in range(rounds):
             for processes, threads in settings:  # in turn: a machine whose speed drifts slows all alike
                 out = Path(tmp) / "result.json"
+                load = os.getloadavg()[0]
                 launch(processes, threads, [Path(__file__), "--worker", out, *trainer_flags,
                                             "--figures", Path(tmp) / "figures"], ROOT)
-                times[processes, threads].append(json.loads(out.read_text()))
+                times[processes, threads].append({**json.loads(out.read_text()), "load": [load, os.getloadavg()[0]]})
                 print(f"  {processes}x{threads}: {json.dumps(times[processes, threads][-1])}", file=sys.stderr,
                       flush=True)
     first = times[settings[0]]
     print(f"trainer.py {' '.join(trainer_flags)} on {first[0]['device']}; "
           f"median of {rounds} round(s), the settings in turn")
-    print(f"{'processes x threads':<20} {'label repair s':>15} {'x faster':>9} {'epoch s':>9} {'x faster':>9}")
-    base_repair = base_epoch = None
+    print("wall: seconds on the clock (x faster: against the first setting); cpu: CPU seconds of rank 0's process. "
+          "load: the machine's 1-minute load average before and after each measurement")
+    print(f"{'processes x threads':<20} {'repair wall':>11} {'x faster':>9} {'cpu':>7} {'epoch wall':>11} "
+          f"{'x faster':>9} {'cpu':>7}   load")
+
+    def median(runs, key):
+        if key not in runs[0]:
+            return math.nan
+        values = [r[key][1:] or r[key] if isinstance(r[key], list) else [r[key]] for r in runs]  # epochs after the 1st
+        return statistics.median(v for run in values for v in run)
+
+    base = None
     for setting in settings:
         runs = times[setting]
-        repair = statistics.median(r["repair_seconds"] for r in runs) if "repair_seconds" in runs[0] else math.nan
-        epoch = statistics.median(s for r in runs for s in (r["epoch_seconds"][1:] or r["epoch_seconds"]))
-        base_repair, base_epoch = base_repair or repair, base_epoch or epoch
-        print(f"{f'{setting[0]} x {setting[1]}':<20} {repair:>15.1f} {base_repair / repair:>9.2f} {epoch:>9.2f} "
-              f"{base_epoch / epoch:>9.2f}")
+        row = [median(runs, key) for key in ("repair_seconds", "repair_cpu_seconds", "epoch_seconds",
+                                              "epoch_cpu_seconds")]
+        base = base or row
+        loads = ", ".join(f"{a:.1f}-{b:.1f}" for a, b in (r["load"] for r in runs))
+        print(f"{f'{setting[0]} x {setting[1]}':<20} {row[0]:>11.1f} {base[0] / row[0]:>9.2f} {row[1]:>7.1f} "
+              f"{row[2]:>11.2f} {base[2] / row[2]:>9.2f} {row[3]:>7.2f}   {loads}")
 
 
 # ---------------------------------------------------------------------------
@@ -158,8 +177,9 @@ def setting(text):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", type=setting, nargs="+", default=[(1, 1), (2, 1), (1, 2)],
-                        help="timing: processes x threads each, the first the base (default: 1x1 2x1 1x2)")
+    parser.add_argument("--settings", type=setting, nargs="+", default=[(1, 1), (2, 1)],
+                        help="timing: processes x threads each, the first the base; 1x2 is python trainer.py on "
+                             "two cores (default: 1x1 2x1)")
     parser.add_argument("--rounds", type=int, default=2, help="timing: measurements per setting (default: 2)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: 3 for timing, the recipe's for accuracy)")
     parser.add_argument("--accuracy", action="store_true", help="whole runs: dev accuracy of 1 process against N")
