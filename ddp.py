@@ -184,6 +184,13 @@ def run_main(main):
     follows, names the cause. An unexpected exception becomes one line as well; its traceback
     goes to that report. SIGTERM, which torchrun sends to the other processes when one fails,
     stops a rank as Ctrl-C does: rank 0 says what was saved.
+
+    A run that succeeds ends together: every rank waits for rank 0's last write, then the
+    process group is destroyed. Then, and after a failure, the process leaves with os._exit
+    once its output is flushed, skipping the interpreter's shutdown: gloo's worker threads may
+    still be releasing tensors that need the interpreter, and during its shutdown that aborts
+    the process (SIGABRT, "terminate called without an active exception"; docs/distributed.md).
+    Every file was written and closed before (cli.atomic_write).
     """
     if not launched():
         cli_run_main(main)
@@ -191,7 +198,14 @@ def run_main(main):
     if not is_main():  # Python's output only: a crash in C++ still reaches the terminal
         sys.stdout = sys.stderr = open(os.devnull, "w")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    cli_run_main(lambda: _reported(main))
+    code = 0
+    try:
+        cli_run_main(lambda: _reported(main))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _reported(main):
@@ -218,6 +232,7 @@ def _reported(main):
         _error_file(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(e).split())}")
         raise e from None
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

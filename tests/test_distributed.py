@@ -117,6 +117,22 @@ def test_torchrun_refuses_devices_it_cannot_share(devices, monkeypatch, name, ne
 # torchrun --standalone --nproc_per_node=2 trainer.py, on small real data
 
 
+def test_each_process_trains_on_its_share_of_the_one_process_epoch(tmp_path):
+    result = subprocess.run([*TORCHRUN, ROOT / "tests" / "distributed_epoch.py", tmp_path / "epoch.json"],
+                            capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run = json.loads((tmp_path / "epoch.json").read_text())
+    batches = [run["order"][b : b + run["batch_size"]] for b in range(0, len(run["order"]), run["batch_size"])]
+    rank0, rank1 = run["seen"]
+    # Step by step, the two processes' images are disjoint parts of the global batch that one process
+    # would train on, and together cover it, in order: 101 draws in 15 batches of 7 (the last of 3).
+    assert len(rank0) == len(rank1) == len(batches) == 15
+    assert [a + b for a, b in zip(rank0, rank1)] == batches
+    assert [len(a) for a in rank0] == [4] * 14 + [2] and [len(b) for b in rank1] == [3] * 14 + [1]
+    # ddp.spread deals item k to rank k mod 2 and gathers the results in item order.
+    assert run["dealt"] == [[0, 0], [1, 1], [2, 0], [3, 1], [4, 0]]
+
+
 def test_two_processes_repair_train_and_write_one_checkpoint(small_data, tmp_path):
     flags = ("--epochs", "2", "--repair-folds", "2", "--repair-epochs", "1")
     two = torchrun(small_data, tmp_path / "two", *flags)
