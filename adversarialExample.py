@@ -510,7 +510,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=seed_type, default=0,
                         help="seed for example choice and PGD starts, 0 to 2**32-1 (default: 0)")
     parser.add_argument("--batch-size", type=positive_int, default=250, help="images per attack batch (default: 250)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto: CUDA, else MPS, else the CPU (default: auto)")
     args = parser.parse_args(argv)
     if args.target is not None and (args.compare or args.transfer_from):
         parser.error("--target cannot be combined with --compare or --transfer-from")

@@ -143,14 +143,20 @@ positive_int = int_in(1)
 
 
 def pick_device(name=None):
-    """The requested torch device (cpu, cuda, cuda:N), or CUDA when available, else CPU."""
+    """The requested torch device (cpu, cuda, cuda:N, mps), or for auto the first there is of CUDA,
+    MPS (Apple silicon) and the CPU."""
     import torch
 
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", str(name))
-    if not match or (match[1] == "cpu" and match[2] is not None):
-        raise UserError(f"--device {clip(name)!r}: expected cpu, cuda, cuda:N or auto")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", str(name))
+    if not match or (match[1] != "cuda" and match[2] is not None):
+        raise UserError(f"--device {clip(name)!r}: expected cpu, cuda, cuda:N, mps or auto")
+    if match[1] == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: torch sees no MPS device (Apple silicon with macOS 12.3 or newer); "
+                        "use --device cpu")
     if match[1] == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: torch sees no CUDA GPU; use --device cpu")
@@ -159,6 +165,16 @@ def pick_device(name=None):
             raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (0 to "
                             f"{torch.cuda.device_count() - 1})")
     return torch.device(name)
+
+
+_NOTED = set()
+
+
+def note_once(message):
+    """Print 'note: message' to stderr the first time it comes up in this run (a device's fallback, say)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------

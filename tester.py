@@ -304,7 +304,7 @@ def parse_args(argv=None):
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip image files that cannot be read (a warning line each and a count at the end) "
                              "instead of stopping at the first")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or auto: CUDA, else MPS, else the CPU (default: auto)")
     parser.add_argument("--batch-size", type=positive_int, default=1000,
                         help="images per forward pass (default: 1000)")
     parser.add_argument("--out", default=FIGURES_DIR,

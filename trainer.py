@@ -4,6 +4,7 @@
     python trainer.py --resume                          # continue an interrupted run
     python trainer.py --lr-sweep 1e-5 1e-4 1e-3 1e-2 1e-1 1   # learning-rate study
     python trainer.py --model best                      # the best recipe found
+    torchrun --standalone --nproc_per_node=2 trainer.py # the same on two devices (DDP, README)
 
 The recipe: a WeightedRandomSampler draws each class about equally often, batched
 augmentation (flip, rotation/translation, colour jitter) stretches the few trucks and
@@ -11,6 +12,7 @@ cats, and labels that are probably wrong (cats labeled "car") are found with con
 learning on out-of-fold predictions and relabeled before the final training.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -23,13 +25,14 @@ import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
+import ddp
 from attacks import (
     add_adversarial_args, adversarial_batch, catastrophic_overfitting, overfitting_warning, robust_accuracy,
     training_step_size,
 )
 from cli import (
     ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, exclusive_lock,
-    float_in, int_in, pick_device, pyplot, run_main, save_figure, seed_type,
+    float_in, int_in, note_once, pyplot, save_figure, seed_type,
 )
 from dataset import CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, class_counts, ensure_data, load_pickle
 from images import to_unit
@@ -42,7 +45,7 @@ from treatments import (
     epoch_sampler, label_log_prior, mix_batch, new_average, update_average, validation_split,
 )
 from resume_state import check_resume_state, check_training_state
-from untrusted import read_input_file, read_torch_file
+from untrusted import describe, read_input_file, read_torch_file
 
 # ---------------------------------------------------------------------------
 # The recipe
@@ -120,7 +123,10 @@ def augment_batch(images, generator, max_degrees=10.0, max_shift=0.1, jitter=0.2
     xs = ((torch.arange(w, device=device) * 2 + 1) / w - 1)[None, None, :]
     grid = torch.stack([cos * flip * xs - sin * ys + dx, sin * flip * xs + cos * ys + dy], -1)
     # Reflection padding fills the rotated corners with image content instead of a grey frame.
-    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if device.type == "mps":  # MPS has no reflection-padded grid_sample: this one call runs on the CPU there
+        note_once("MPS lacks grid_sample with reflection padding; augmentation warps its images on the CPU")
+        images, grid = images.cpu(), grid.cpu()
+    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(device)
 
     # Colour jitter as in torchvision's ColorJitter (brightness, contrast, saturation), on
     # [0, 1] pixels. Grey is linear in the pixels, so one grey image serves all three steps.
@@ -151,6 +157,15 @@ def seeded(seed, *salt):
     value = derived_seed(seed, *salt)
     torch.manual_seed(value)  # dropout draws from the global generator
     return torch.Generator().manual_seed(value)
+
+
+def rank_generator(generator, rank):
+    """The generator a rank draws its augmentation, mixing and dropout from, once the epoch's
+    shared order is drawn: rank 0 goes on with the epoch's own (one process's exact draws),
+    every other rank gets one seeded from the epoch's generator and its rank."""
+    if rank == 0:
+        return generator
+    return seeded(int(torch.randint(2**62, (1,), generator=generator)), "rank", rank)
 
 
 def new_model(args, images, device, salt):
@@ -191,9 +206,16 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
     sampler overrides args.sampler (deferred re-balancing); average, when given, is updated
     after every step (--ema). Every random draw comes from generator (and dropout's from the
     global generator seeded with it). Raises FloatingPointError when the loss stops being finite.
+
+    A model in DistributedDataParallel (ddp.wrap) trains on this rank's share of every batch
+    of the same order; the other ranks' augmentation, mixing and dropout draw from generators
+    of their own (rank_generator).
     """
     model.train()
+    raw_model = ddp.unwrap(model)
+    rank, world = ddp.place(model)
     order = epoch_indices(labels, sampler or args.sampler, generator)
+    generator = rank_generator(generator, rank)
     log_prior = None if args.loss == "ce" else label_log_prior(labels)
     if max_steps is not None:
         order = order[: max_steps * args.batch_size]
@@ -201,25 +223,29 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
     # Augment about 1,024 images at a time (whole batches): one big grid_sample beats many small ones.
     chunk = args.batch_size * max(1, 1024 // args.batch_size)
     for start in range(0, len(order), chunk):
-        idx = order[start : start + chunk]
+        shares = [ddp.shard(batch, rank, world) for batch in order[start : start + chunk].split(args.batch_size)]
+        idx = torch.cat([share for share, _ in shares])
         x_chunk = images[idx].to(device, non_blocking=True)
         y_chunk = labels[idx].to(device, non_blocking=True)
         if args.augment:
             x_chunk = augment_batch(x_chunk, generator)
-        for b in range(0, len(idx), args.batch_size):
-            x, y = x_chunk[b : b + args.batch_size], y_chunk[b : b + args.batch_size]
+        b = 0
+        for share, weight in shares:
+            x, y = x_chunk[b : b + len(share)], y_chunk[b : b + len(share)]
+            b += len(share)
             # The options, each a no-op by default: attack first, so mixing then mixes attacked images.
-            x = adversarial_batch(model, x, y, args.adversarial, args.adv_epsilon, args.adv_steps,
+            # The attack differentiates the raw module: its backward passes must not start DDP's all-reduce.
+            x = adversarial_batch(raw_model, x, y, args.adversarial, args.adv_epsilon, args.adv_steps,
                                   args.adv_step_size, generator)
             x, y, y_partner, lam = mix_batch(x, y, args.mix, args.mix_alpha, generator)
-            loss = batch_loss(model(x), y, y_partner, lam, args, log_prior)
+            loss = batch_loss(model(x), y, y_partner, lam, args, log_prior) * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             if average is not None:
-                update_average(average, model, ema_decay(args, scheduler.last_epoch))
-            value = loss.item()
+                update_average(average, raw_model, ema_decay(args, scheduler.last_epoch))
+            value = ddp.mean(loss, world)
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {len(losses) + 1} of the epoch")
             losses.append(value)
@@ -278,21 +304,30 @@ def run_description(args, labels, val_size, device):
             + (f", {args.mix} alpha {args.mix_alpha:g}" if args.mix != "none" else "")
             + (f", EMA {args.ema:g}" if args.ema else "")
             + (f", validation split {val_size} images, keep {args.select}" if val_size else "")
-            + f", device {device}")
+            + f", device {device}"
+            + (f" in each of {ddp.size()} processes, which share every batch" if ddp.size() > 1 else ""))
 
 
 def train(train_x, train_y, dev_x, dev_y, args, device):
     state_path = resume_path(args.out)
     fingerprint = data_fingerprint(train_x, train_y)
-    state = load_resume(state_path, args, fingerprint, len(train_y)) if args.resume else None
+    # Rank 0 reads (and checks) the resume state and hands it to the others: they need no copy of the file.
+    state = ddp.broadcast(load_resume(state_path, args, fingerprint, len(train_y)) if args.resume and ddp.is_main()
+                          else None)
     if state is not None:
         all_labels, keep = state["labels"], state["keep"]
+        saved_world = state["config"].get("world_size", 1)
+        if type(saved_world) is not int or saved_world != ddp.size():
+            print(f"note: {state_path} was trained by {describe(saved_world)} process(es), this run has {ddp.size()}: "
+                  "it continues with the same batches and learning rate, but its augmentation draws differ from "
+                  "those of an uninterrupted run", file=sys.stderr)
     else:
         try:
             all_labels, keep = repair_labels(train_x, train_y, args, device, fold_trainer(args, device))
         except KeyboardInterrupt:
             raise Interrupted("interrupted during label repair, before training started: nothing was saved; "
                               "run again, or skip repair with --fix-labels none") from None
+        all_labels, keep = ddp.broadcast((all_labels, keep))  # every rank trains on rank 0's labels
     if not keep.any():
         raise UserError(f"--fix-labels {args.fix_labels}: drops every training image; nothing left to train on")
     # The validation split is carved from the given labels before anything else, seeded: the same
@@ -314,8 +349,11 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                                                       steps_per_epoch)
         print(f"Resuming {state_path} after epoch {state['epoch']} of {args.epochs}", file=sys.stderr)
     print(run_description(args, labels, len(val_y), device), file=sys.stderr)
+    trained = ddp.wrap(model, device)  # DistributedDataParallel under torchrun; model itself otherwise
 
     config = {k: getattr(args, k) for k in RUN_KEYS}
+    if ddp.size() > 1:
+        config["world_size"] = ddp.size()
     robust_x = robust_y = None
     if args.adversarial != "none" and args.robust_eval:
         # A fixed subset, the same every epoch and after a resume, so the numbers compare.
@@ -328,11 +366,14 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     try:
         for epoch in bar:
             try:
-                losses = run_epoch(model, optimizer, scheduler, images, labels, args, seeded(args.seed, "main", epoch),
-                                   device, sampler=epoch_sampler(args, epoch), average=average)
+                losses = run_epoch(trained, optimizer, scheduler, images, labels, args,
+                                   seeded(args.seed, "main", epoch), device, sampler=epoch_sampler(args, epoch),
+                                   average=average)
             except FloatingPointError as e:
                 raise UserError(f"training diverged in epoch {epoch} ({e}): lower the learning rate "
                                 f"(--lr {args.lr:g}); the last good state is in {state_path}") from None
+            if not ddp.is_main():
+                continue  # one writer: rank 0 scores, prints and saves; the other ranks hold the same weights
             scored = averaged_model(model, average)
             dev = scores(scored, dev_x, dev_y, device)
             val = scores(scored, val_x, val_y, device) if len(val_y) else None
@@ -369,7 +410,8 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
         raise Interrupted(f"interrupted: epoch {done} of {args.epochs} is saved in {state_path}; "
                           "continue with the same flags plus --resume") from None
     bar.close()
-    report(history, best, config, time.time() - start, args)
+    if ddp.is_main():
+        report(history, best, config, time.time() - start, args)
     return model
 
 
@@ -509,7 +551,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the resume state next to --out")
     parser.add_argument("--seed", type=seed_type, default=0,
                         help="random seed, 0 to 2**32-1; CPU runs are repeatable (default: 0)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: CUDA when available)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, mps or auto: CUDA, else MPS, else the CPU (default: auto); under "
+                             "torchrun each process takes the CUDA device of its local rank")
     add_repair_args(parser, sorted(REPAIR_RECIPES))
     add_treatment_args(parser)
     add_adversarial_args(parser)
@@ -540,7 +584,10 @@ def sweep_runs(images, labels, args, device):
 
 def main():
     args = parse_args()
-    device = pick_device(args.device)
+    device = ddp.setup(args.device)  # under torchrun also the process group; a world of one otherwise
+    if args.lr_sweep and ddp.size() > 1:
+        raise UserError("--lr-sweep compares learning rates in short runs of one process each: run it with "
+                        "python trainer.py, not torchrun")
     # Every output is checked before any work: a typo should not surface after label repair.
     check_output_dir(args.figures, "--figures")
     if not args.lr_sweep:
@@ -548,8 +595,9 @@ def main():
         check_output_file(resume_path(args.out), "--out")
     if args.fix_labels not in ("auto", "none"):
         read_input_file(args.fix_labels, "label corrections")  # exists and is a regular file
-    # The sweep never looks at dev data, so it does not need (or build) it.
-    ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
+    # The sweep never looks at dev data, so it does not need (or build) it. Built once per machine.
+    with ddp.local_main_first():
+        ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
     train_x, train_y = load_pickle(args.data)
     if args.lr_sweep:
         lr_sweep(args.lr_sweep, args.sweep_steps, sweep_runs(train_x, train_y, args, device), args.figures)
@@ -559,9 +607,9 @@ def main():
         if args.fix_labels not in ("auto", "none"):
             read_corrections(args.fix_labels, len(train_y))
     dev_x, dev_y = load_pickle(args.dev_data)
-    with exclusive_lock(args.out, "--out"):
+    with exclusive_lock(args.out, "--out") if ddp.is_main() else contextlib.nullcontext():  # the writer's lock
         train(train_x, train_y, dev_x, dev_y, args, device)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    ddp.run_main(main)
