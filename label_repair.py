@@ -2,7 +2,7 @@
 
     --fix-labels auto    K-fold out-of-fold probabilities, then confident learning (cleanlab)
     --fix-labels FILE    your own JSON list of {"index": i, "label": "cat" | 2 | null}
-    --fix-labels none    the labels as given
+    --fix-labels none    the labels as given (the default)
 
 Confident learning flags an image when its out-of-fold probability for another class beats
 that class's own typical confidence (Northcutt et al. 2021). Two checks decide which flags
@@ -37,9 +37,11 @@ from untrusted import describe, read_input_file
 def add_repair_args(parser, fold_models):
     """The --fix-labels and --repair-* flags; fold_models names the recipes --repair-model may pick."""
     group = parser.add_argument_group("label repair")
-    group.add_argument("--fix-labels", default="auto", metavar="auto|none|FILE",
-                       help="auto: find and relabel probable label errors; none: keep labels; FILE: JSON list of "
-                            "{index, label} corrections (default: auto)")
+    # Off by default: on the default data, repair lowered dev balanced accuracy on two seeds of
+    # three (docs/label_repair.md), and a default must be at least as good on every seed.
+    group.add_argument("--fix-labels", default="none", metavar="auto|none|FILE",
+                       help="auto: find and relabel probable label errors (opt-in); none: keep labels; FILE: JSON list "
+                            "of {index, label} corrections (default: none)")
     group.add_argument("--repair-folds", type=int_in(2, 100), default=4,
                        help="cross-validation folds for --fix-labels auto (default: 4)")
     group.add_argument("--repair-epochs", type=int_in(1, 10_000),

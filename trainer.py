@@ -6,10 +6,11 @@
     python trainer.py --model best                      # the best recipe found
     torchrun --standalone --nproc_per_node=2 trainer.py # the same on two devices (DDP, README)
 
-The recipe: a WeightedRandomSampler draws each class about equally often, batched
-augmentation (flip, rotation/translation, colour jitter) stretches the few trucks and
-cats, and labels that are probably wrong (cats labeled "car") are found with confident
-learning on out-of-fold predictions and relabeled before the final training.
+The recipe: a WeightedRandomSampler draws each class about equally often, and batched
+augmentation (flip, rotation/translation, colour jitter) stretches the few trucks and cats.
+--fix-labels auto adds label repair (opt-in): labels that are probably wrong (cats labeled
+"car") are found with confident learning on out-of-fold predictions and relabeled before
+the final training.
 """
 import argparse
 import contextlib

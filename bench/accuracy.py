@@ -31,10 +31,10 @@ CONFIGS = {
     "no-augment": (["--schedule", "constant", "--fix-labels", "none", "--no-augment"],
                    "seed recipe without augmentation"),
     "onecycle": (["--fix-labels", "none"], "seed recipe + one-cycle learning-rate schedule"),
-    "default": ([], "trainer.py defaults: one-cycle + automatic label repair"),
-    "no-repair": (["--fix-labels", "none"], "trainer.py defaults without label repair (the labels as given)"),
+    "default": ([], "trainer.py defaults: balanced sampler, augmentation, one-cycle (no label repair)"),
+    "repair": (["--fix-labels", "auto"], "defaults + automatic label repair (opt-in; the default before issue #22)"),
     "true-labels": (["--fix-labels", "{true labels}"],
-                    "trainer.py defaults with the manifest's true labels instead of repair (the best repair could do)"),
+                    "defaults with the manifest's true labels (what a perfect repair would give)"),
     "resnet8": (["--model", "resnet8"], "the stronger model (--model resnet8), with its defaults"),
     # The imbalance study (#11): each treatment on top of the default recipe, then on --model best.
     "la": (["--loss", "logit-adjusted", "--tau", "0.5"], "default + logit-adjusted loss, tau 0.5, beside the sampler"),

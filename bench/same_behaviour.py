@@ -32,8 +32,8 @@ from dataset import build_from_cifar, cifar_source  # noqa: E402
 # (name, script, arguments); "@NAME" stands for the checkpoint that run NAME trained. Training runs get
 # the data, tester and adversarialExample the dev set; every run writes into a folder of its own.
 RUNS = [
-    ("default", "trainer.py", ["--epochs", "3", "--repair-epochs", "2"]),
-    ("best", "trainer.py", ["--model", "best", "--epochs", "2", "--repair-epochs", "1"]),
+    ("default", "trainer.py", ["--epochs", "3", "--fix-labels", "auto", "--repair-epochs", "2"]),
+    ("best", "trainer.py", ["--model", "best", "--epochs", "2", "--fix-labels", "auto", "--repair-epochs", "1"]),
     ("fgsm-rs", "trainer.py", ["--adversarial", "fgsm-rs", "--epochs", "1", "--fix-labels", "none",
                                "--robust-eval", "100"]),
     ("pgd", "trainer.py", ["--adversarial", "pgd", "--adv-steps", "2", "--epochs", "1", "--fix-labels", "none",
@@ -41,9 +41,10 @@ RUNS = [
     ("treatments", "trainer.py", ["--loss", "logit-adjusted", "--tau", "0.5", "--mix", "mixup", "--ema", "0.99",
                                   "--val-fraction", "0.1", "--select", "best-val", "--drw-start", "2",
                                   "--epochs", "3", "--fix-labels", "none"]),
-    ("repair-drop", "trainer.py", ["--epochs", "1", "--repair-epochs", "1", "--repair-action", "drop",
+    ("repair-drop", "trainer.py", ["--epochs", "1", "--fix-labels", "auto", "--repair-epochs", "1", "--repair-action", "drop",
                                    "--sampler", "sqrt"]),
-    ("repair-best", "trainer.py", ["--model", "best", "--epochs", "1", "--repair-model", "best", "--repair-epochs", "1",
+    ("repair-best", "trainer.py", ["--model", "best", "--epochs", "1", "--fix-labels", "auto", "--repair-model", "best",
+                                   "--repair-epochs", "1",
                                    "--repair-folds", "2"]),
     ("lr-sweep", "trainer.py", ["--lr-sweep", "1e-3", "1e-1", "--sweep-steps", "40"]),
     ("tester", "tester.py", ["--checkpoint", "@default"]),

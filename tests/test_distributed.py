@@ -134,7 +134,7 @@ def test_each_process_trains_on_its_share_of_the_one_process_epoch(tmp_path):
 
 
 def test_two_processes_repair_train_and_write_one_checkpoint(small_data, tmp_path):
-    flags = ("--epochs", "2", "--repair-folds", "2", "--repair-epochs", "1")
+    flags = ("--epochs", "2", "--fix-labels", "auto", "--repair-folds", "2", "--repair-epochs", "1")
     two = torchrun(small_data, tmp_path / "two", *flags)
     assert two.returncode == 0, two.stderr
     # Rank 0 alone speaks: one line per epoch, one report, each fold's line once.

@@ -734,7 +734,7 @@ def lopsided(tmp_path_factory):
 @pytest.mark.parametrize("name,words", [("two_trucks", "truck 2"), ("one_image", "truck 0")])
 def test_too_few_images_for_repair_folds_is_refused_with_a_way_out(lopsided, name, words, tmp_path):
     result = run("trainer.py", "--data", lopsided / f"{name}.pickle", "--dev-data", lopsided / "dev.pickle",
-                 "--out", tmp_path / "m.ckpt", "--figures", tmp_path / "fig", cwd=tmp_path)
+                 "--fix-labels", "auto", "--out", tmp_path / "m.ckpt", "--figures", tmp_path / "fig", cwd=tmp_path)
     assert_one_line(result, words, "--fix-labels none", "--repair-folds")
 
 
@@ -754,7 +754,7 @@ def test_missing_class_trains_with_a_one_line_warning(lopsided, tmp_path):
 def test_ctrl_c_during_label_repair_says_so(small_data, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "trainer.py"), "--data", small_data / "train.pickle", "--dev-data",
-         small_data / "dev.pickle", "--repair-epochs", "200", "--out", tmp_path / "m.ckpt",
+         small_data / "dev.pickle", "--fix-labels", "auto", "--repair-epochs", "200", "--out", tmp_path / "m.ckpt",
          "--figures", tmp_path / "fig"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True, preexec_fn=limited(),
         env={**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"})

@@ -71,7 +71,7 @@ def small_repair(small_data, tmp_path_factory):
     """Automatic repair on the small real set (40 of its 200 training cats labeled car, no other noise)."""
     figures = tmp_path_factory.mktemp("repair")
     images, given = load_pickle(small_data / "train.pickle")
-    args = trainer.parse_args(["--data", str(small_data / "train.pickle"), "--figures", str(figures),
+    args = trainer.parse_args(["--data", str(small_data / "train.pickle"), "--figures", str(figures), "--fix-labels", "auto",
                                "--repair-epochs", "6"])
     repaired, keep = label_repair.repair_labels(images, given, args, "cpu", trainer.fold_trainer(args, "cpu"))
     manifest = json.loads((small_data / "manifest.json").read_text())

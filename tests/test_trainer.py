@@ -78,7 +78,8 @@ def planted_label_errors(n_per_class=120, flips=24, seed=0):
 
 def test_label_repair_finds_planted_errors(tmp_path):
     images, true, given, planted = planted_label_errors()
-    args = args_for("--repair-folds", "3", "--repair-epochs", "3", "--figures", str(tmp_path), "--no-augment")
+    args = args_for("--fix-labels", "auto", "--repair-folds", "3", "--repair-epochs", "3", "--figures", str(tmp_path),
+                    "--no-augment")
     repaired, keep = repair(images, given, args)
     report = json.loads((tmp_path / "label_issues.json").read_text())
     found = {issue["index"] for issue in report["issues"]}
@@ -160,7 +161,7 @@ def train_cmd(small_data, tmp_path, *extra):
 
 
 def test_one_epoch_with_repair_writes_course_checkpoint_and_reports(small_data, tmp_path):
-    result = run_script("trainer.py", *train_cmd(small_data, tmp_path, "--epochs", "1", "--repair-folds", "2",
+    result = run_script("trainer.py", *train_cmd(small_data, tmp_path, "--epochs", "1", "--fix-labels", "auto", "--repair-folds", "2",
                                                   "--repair-epochs", "1")[2:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)

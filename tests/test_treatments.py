@@ -196,7 +196,8 @@ def test_model_best_round_trips_through_tester_and_adversarial_example(small_dat
 
 
 def test_repair_model_best_runs_its_fold_models(small_data, tmp_path):
-    result = tiny_run(small_data, tmp_path, "--epochs", "1", "--repair-model", "best", "--repair-folds", "2",
+    result = tiny_run(small_data, tmp_path, "--epochs", "1", "--fix-labels", "auto", "--repair-model", "best",
+                      "--repair-folds", "2",
                       "--repair-epochs", "1")
     assert result.returncode == 0, result.stderr
     assert "best fold models, 1 epochs per fold" in result.stderr
