@@ -491,7 +491,7 @@ def data_fingerprint(images, labels):
 
 
 def load_resume(path, args, fingerprint, n_images):
-    """The resume state at path, every field checked against this run (untrusted.check_resume_state)."""
+    """The resume state at path, every field checked against this run (resume_state.check_resume_state)."""
     if not Path(path).exists():
         raise UserError(f"--resume: no resume state at {path} (start without --resume)")
     state = read_torch_file(path, "resume state")
