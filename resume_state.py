@@ -149,6 +149,10 @@ def _optimizer_problem(saved, optimizer, steps):
                 problem = "holds negative values (a mean of squares)"
             if problem:
                 return f"state {index} {name} {problem}"
+    # Every parameter gets a gradient in every step, so after an epoch each has its state; a
+    # parameter without one would silently restart its moments from zero.
+    if steps and len(saved["state"]) != len(params):
+        return f"state covers {len(saved['state'])} of this model's {len(params)} parameters, not all"
     return None
 
 

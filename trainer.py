@@ -364,6 +364,7 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     # disable=None: no bar when stderr is not a terminal (log files, CI); the epoch lines still print.
     bar = tqdm(range(first_epoch, args.epochs + 1), initial=first_epoch - 1, total=args.epochs,
                desc="epochs", file=sys.stderr, disable=None)
+    finished = first_epoch - 1  # the last epoch this process completed (on rank 0: and saved)
     try:
         for epoch in bar:
             try:
@@ -374,6 +375,7 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                 raise UserError(f"training diverged in epoch {epoch} ({e}): lower the learning rate "
                                 f"(--lr {args.lr:g}); the last good state is in {state_path}") from None
             if not ddp.is_main():
+                finished = epoch
                 continue  # one writer: rank 0 scores, prints and saves; the other ranks hold the same weights
             scored = averaged_model(model, average)
             dev = scores(scored, dev_x, dev_y, device)
@@ -402,13 +404,16 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                         "labels": all_labels, "keep": keep, "config": config, "data_sha256": fingerprint,
                         "average": average, "best": best}
             atomic_write(state_path, lambda f: torch.save(snapshot, f))
+            finished = epoch
     except KeyboardInterrupt:
         bar.close()
-        done = history[-1]["epoch"] if history else first_epoch - 1
-        if done == 0:
+        if not ddp.is_main():  # its line goes to torchrun's report; rank 0's says what was saved
+            raise Interrupted(f"interrupted after epoch {finished} of {args.epochs}; rank 0 writes the resume "
+                              f"state, {state_path}") from None
+        if finished == 0:
             raise Interrupted(f"interrupted in epoch 1 of {args.epochs}, before anything was saved; run again") \
                 from None
-        raise Interrupted(f"interrupted: epoch {done} of {args.epochs} is saved in {state_path}; "
+        raise Interrupted(f"interrupted: epoch {finished} of {args.epochs} is saved in {state_path}; "
                           "continue with the same flags plus --resume") from None
     bar.close()
     if ddp.is_main():

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import stat
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -157,11 +158,26 @@ class RestrictedUnpickler(pickle._Unpickler):
                          "(loading it could run code)")
 
     def load_build(self):
-        if not isinstance(self.stack[-2], _BUILDABLE):
-            raise UnsafeFile(f"it sets the state of {describe(self.stack[-2])}, which a {self.what} never does")
+        target, state = self.stack[-2], self.stack[-1]
+        if not isinstance(target, _BUILDABLE):
+            raise UnsafeFile(f"it sets the state of {describe(target)}, which a {self.what} never does")
+        # An OrderedDict's only state is a state_dict's _metadata; any other attribute could
+        # shadow its methods (.items, .get) for the code that reads the file.
+        if type(target) is collections.OrderedDict and not (type(state) is dict and set(state) <= {"_metadata"}):
+            raise UnsafeFile("it sets attributes of a dict other than a state_dict's _metadata")
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def load_bytearray8(self):
+        # pickle's own allocates the declared length before reading: 10 bytes could demand 1 GiB.
+        (n,) = struct.unpack("<Q", self.read(8))
+        data = self.read(n)
+        if len(data) != n:
+            raise UnsafeFile(f"a byte array declares {n:,} bytes but the {self.what} holds only {len(data):,}")
+        self.append(bytearray(data))
+
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def load(self):
         """pickle._Unpickler.load, charging each opcode to the file's size."""
@@ -202,6 +218,14 @@ class Budget:
 # that rebuilds one shared storage millions of times (a few bytes of pickle each) runs out.
 TENSOR_OBJECT_COST = 256
 MAX_TENSOR_DIMS = 8
+# No shape, stride or offset in a real file comes near this; a bigger number (a pickle may hold
+# one of millions of digits) would make the bounds arithmetic itself take minutes.
+MAX_LAYOUT_NUMBER = 2**62
+
+
+def layout_number(value):
+    """A whole number that may be a shape, stride or offset: from 0 to MAX_LAYOUT_NUMBER."""
+    return whole(value) and 0 <= value <= MAX_LAYOUT_NUMBER
 
 
 class _Storage:
@@ -240,9 +264,8 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
         raise UnsafeFile("a tensor is built from something that is not a storage")
     size, stride = tuple(size) if isinstance(size, (tuple, list)) else size, \
         tuple(stride) if isinstance(stride, (tuple, list)) else stride
-    if not (whole(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) <= MAX_TENSOR_DIMS
-            and all(whole(v) and v >= 0 for v in (*size, *stride))):
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= MAX_TENSOR_DIMS
+            and all(layout_number(v) for v in (offset, *size, *stride))):
         raise UnsafeFile(f"a tensor has an invalid layout (offset {describe(offset)}, size {describe(size)}, "
                          f"stride {describe(stride)})")
     n = storage.tensor.numel()
@@ -316,8 +339,11 @@ def read_legacy_torch(data, allowed, what):
         info = plain_pickle()
         if not isinstance(info, dict) or info.get("little_endian") is not True:
             raise UnsafeFile("written on a big-endian machine or with unknown system info; not supported")
-        if f.tell() <= 512 and len(_LEGACY_HEADERS) < 8:
-            _LEGACY_HEADERS.add(data[: f.tell()])
+        # Only a header byte for byte as torch writes it (three protocol-2 pickles, no frames) is
+        # remembered: skipping bytes stands for parsing them only when they are exactly that.
+        canonical = b"".join(pickle.dumps(v, protocol=2) for v in (_LEGACY_MAGIC, _LEGACY_PROTOCOL, info))
+        if data[: f.tell()] == canonical and len(canonical) <= 512 and len(_LEGACY_HEADERS) < 8:
+            _LEGACY_HEADERS.add(canonical)
     storages, claimed = {}, 0
 
     def persistent_load(saved_id):
@@ -325,7 +351,7 @@ def read_legacy_torch(data, allowed, what):
         if not (isinstance(saved_id, tuple) and len(saved_id) == 6 and saved_id[0] == "storage"):
             raise UnsafeFile(f"unknown persistent object {describe(saved_id)}")
         _, kind, key, _location, numel, view = saved_id  # location is ignored: data always lands on the CPU
-        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not whole(numel) or numel < 0:
+        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not layout_number(numel):
             raise UnsafeFile("a storage has an invalid declaration")
         if view is not None:
             raise UnsafeFile("storage views are not supported")
@@ -417,7 +443,7 @@ class PickledArray:
         import numpy as np
 
         raw = raw.encode("latin1") if isinstance(raw, str) else raw
-        if not (isinstance(shape, tuple) and len(shape) <= MAX_TENSOR_DIMS and all(whole(n) and n >= 0 for n in shape)
+        if not (isinstance(shape, tuple) and len(shape) <= MAX_TENSOR_DIMS and all(map(layout_number, shape))
                 and isinstance(dtype, _DtypeSpec) and isinstance(fortran, bool)
                 and isinstance(raw, (bytes, bytearray))):
             raise UnsafeFile("an array has an invalid shape, dtype or data")
@@ -631,10 +657,29 @@ def _torch_load(data, path):
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({one_line(e)})") from None
 
 
+MAX_NESTING = 32  # a checkpoint nests 2 deep, a resume state 5; a file may nest millions
+
+
+def plain_mappings(value, path, depth=MAX_NESTING):
+    """value from a torch.save() file with each dict and OrderedDict in it a plain dict of its items.
+
+    Loading may set an OrderedDict's attributes (a state_dict's _metadata, by torch's own loader
+    any other), and one named items or get would take the place of the method for every caller.
+    """
+    if depth < 0:
+        raise UserError(f"{path}: refused: nested more than {MAX_NESTING} levels deep; a checkpoint never is")
+    if type(value) in (dict, collections.OrderedDict):
+        return {k: plain_mappings(v, path, depth - 1) for k, v in dict.items(value)}
+    if type(value) in (list, tuple):
+        return type(value)(plain_mappings(v, path, depth - 1) for v in value)
+    return value
+
+
 def _load_zip(data, path):
-    """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only."""
+    """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only,
+    its mappings plain dicts."""
     _check_zip(data, path)
-    return _torch_load(data, path)
+    return plain_mappings(_torch_load(data, path), path)
 
 
 def read_torch_file(path, what):
@@ -667,6 +712,7 @@ def read_checkpoint(path, architectures):
             raise UserError(f"{path}: refused: {e}") from None
         except Exception as e:  # broken bytes fail inside unpickling in many ways
             raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        ckpt = plain_mappings(ckpt, path)
     if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
         state, arch = ckpt["model_state_dict"], ckpt.get("arch")
     else:

@@ -188,6 +188,9 @@ def oversized_array():
 SHARED = torch.zeros(3, 32, 32)
 
 # name -> (expected: "ok" or words of the one-line refusal, content(marker): object to pickle or Raw bytes)
+# 10**5000 as pickle's LONG4 opcode: a number with 5,000 digits in 2,082 bytes.
+HUGE_LONG4 = b"\x8b" + struct.pack("<i", 2077) + (10**5000).to_bytes(2077, "little")
+
 DATA_CASES = {
     "valid, protocol 2": ("ok", lambda m: GOOD),
     "valid, protocol 5": ("ok", lambda m: GOOD),  # written with protocol 5 below
@@ -261,6 +264,13 @@ DATA_CASES = {
         b"\x80\x02]" + UNBUILT_ARRAY + b"K\x00\x86a.")),
     "a MyDataset that never gets its list": ("a MyDataset has no the_list", lambda m: Raw(
         b"\x80\x02cdataset\nMyDataset\n)\x81.")),
+    "BYTEARRAY8 declaring 64 GiB in 10 bytes": ("declares 68,719,476,736 bytes", lambda m: Raw(
+        b"\x80\x05\x96" + struct.pack("<Q", 2**36) + b".")),
+    "tensor stride of 5,000 digits": ("invalid layout", lambda m: [(crafted_tensor(
+        legacy_blob(image_bytes(), 3072), size=(3, 10**5000, 1), stride=(1024, 10**5000, 1)), 0)]),
+    "numpy array with a dimension of 5,000 digits": ("invalid shape", lambda m: Raw(
+        pickle.dumps([(np.zeros((3, 2, 7), np.float32), 0)], protocol=2).replace(
+            b"K\x02K\x07", b"K\x02" + HUGE_LONG4, 1))),
     "float64 image": ("float64", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float64), 0)]),
     "float16 image": ("float16", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float16), 0)]),
     "NaN image": ("NaN", lambda m: [(torch.full((3, 32, 32), float("nan")), 0)]),
@@ -319,6 +329,22 @@ def with_tensor(key, make):
     return state
 
 
+class Shadowed(dict):
+    """Pickles as an OrderedDict with instance attributes (items=5), which torch's weights-only loader sets
+    on loading: attributes that take the place of the dict's methods."""
+
+    def __init__(self, mapping, attributes):
+        super().__init__(mapping)
+        self.attributes = attributes
+
+    def __reduce__(self):
+        return (collections.OrderedDict, (), self.attributes, None, iter(dict(self).items()))
+
+
+def shadowed(mapping, **attributes):
+    return Shadowed(mapping, attributes)
+
+
 def corrupted_middle(path):
     data = bytearray(PRETRAINED.read_bytes())
     middle = data.find(b"archive/data/4") + 2000  # inside fc1.weight's record
@@ -374,6 +400,11 @@ CHECKPOINT_CASES = {
         p, {**base_state(), "fc3.bias": Call(torch._utils._rebuild_parameter, base_state()["fc3.bias"], True,
                                               collections.OrderedDict([(1, 2)]))},
         legacy=True)),
+    "legacy OrderedDict given an items attribute": ("attributes of a dict", lambda p, m: p.write_bytes(
+        legacy_prefix() + b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsK\x01sb."
+        + pickle.dumps([], protocol=2))),
+    "zip state_dict whose items method is shadowed": ("ok", lambda p, m: torch.save(
+        {"model_state_dict": shadowed(base_state(), items=5)}, p)),
     "another network's weights": ("missing keys", lambda p, m: torch.save({"model_state_dict": {"w": torch.zeros(2)}}, p)),
 }
 
@@ -933,6 +964,9 @@ RESUME_CASES = {
         "exp_avg_sq", lambda t: -torch.ones_like(t)))),
     "Adam's step count off": ("state 0 step counts 1 steps", tamper("optimizer", in_optimizer_state(
         "step", lambda t: torch.ones_like(t)))),
+    "Adam state of one parameter dropped": ("optimizer state covers 9 of this model's 10 parameters", tamper(
+        "optimizer", lambda o: {**o, "state": {k: v for k, v in o["state"].items() if k != 3}})),
+    "settings whose get method is shadowed": ("ok", tamper("config", lambda config: shadowed(config, get=5))),
     "not a dict": ("is not a resume state", None),
 }
 

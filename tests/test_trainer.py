@@ -223,6 +223,48 @@ def test_ctrl_c_saves_and_exits_with_one_line(small_data, tmp_path):
     assert torch.load(tmp_path / "m.resume.pt", weights_only=True)["epoch"] >= 1
 
 
+def interrupted_train(small_data, tmp_path, monkeypatch, where):
+    """trainer.train on the small data, 2 epochs, with KeyboardInterrupt raised by the named trainer
+    function the first time it is called: the Interrupted error's message."""
+    from cli import Interrupted
+    from dataset import load_pickle
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, where, stop)
+    args = args_for("--data", str(small_data / "train.pickle"), "--epochs", "2", "--fix-labels", "none",
+                    "--out", str(tmp_path / "m.ckpt"), "--figures", str(tmp_path / "fig"))
+    with pytest.raises(Interrupted) as stopped:
+        trainer.train(*load_pickle(small_data / "train.pickle"), *load_pickle(small_data / "dev.pickle"), args, "cpu")
+    return str(stopped.value)
+
+
+def test_ctrl_c_before_the_first_save_says_nothing_was_saved(small_data, tmp_path, monkeypatch):
+    # Stopped after epoch 1 was trained and scored, while its checkpoint was being written.
+    message = interrupted_train(small_data, tmp_path, monkeypatch, "save_checkpoint")
+    assert "before anything was saved" in message
+    assert not (tmp_path / "m.resume.pt").exists()
+
+
+def test_ctrl_c_on_another_rank_leaves_the_report_to_rank_0(small_data, tmp_path, monkeypatch):
+    import ddp
+
+    monkeypatch.setattr(ddp, "is_main", lambda: False)
+    calls = []
+    run_epoch = trainer.run_epoch
+
+    def second_epoch_stops(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_epoch", second_epoch_stops)
+    message = interrupted_train(small_data, tmp_path, monkeypatch, "epoch_line")  # never called off rank 0
+    assert "interrupted after epoch 1 of 2; rank 0 writes the resume state" in message
+
+
 def test_resume_with_other_settings_is_refused(small_data, tmp_path):
     first = subprocess.run(train_cmd(small_data, tmp_path, "--epochs", "1", "--fix-labels", "none"),
                            capture_output=True, text=True)
