@@ -4,20 +4,22 @@
     python bench/distributed.py --settings 1x1 2x1 1x2    # and 1 process of 2 threads
     python bench/distributed.py --model best --repair-model best --epochs 2
     python bench/distributed.py --accuracy            # default recipe, dev balanced accuracy, 3 seeds, 1 vs 2 processes
+    python bench/distributed.py --accuracy --fix-labels auto    # the same with label repair
     python bench/distributed.py --settings 1x1 4x1 --device cuda    # a machine with 4 GPUs: 1 vs 4 processes
 
 Timing (the default): each setting PxT (P processes of T threads each) runs, in fresh
 processes, the trainer's own label repair (label_repair.repair_labels with --repair-model's
-fold models) and then --epochs epochs of the trainer's loop (trainer.run_epoch; under torchrun
-on the DistributedDataParallel model) on the default training data. P = 1 is `python`, as
+fold models, as `--fix-labels auto` runs it; `--fix-labels none` leaves it out) and then
+--epochs epochs of the trainer's loop (trainer.run_epoch; under torchrun on the
+DistributedDataParallel model) on the default training data. P = 1 is `python`, as
 `python trainer.py` runs; P > 1 is torchrun (gloo on the CPU, nccl on CUDA). The settings take
 turns --rounds times, and each keeps its median; an epoch's time is the median of the epochs
 after the first. Any trainer.py flag after the bench's own is passed on (--model, --batch-size ...).
 
-Accuracy (--accuracy): the whole `trainer.py` run (label repair and training, the default
-recipe unless flags say otherwise) per seed, once with 1 process and once with torchrun's
---processes, one thread each, the two interleaved; prints the final dev balanced accuracy of
-each run and the mean and spread over the seeds.
+Accuracy (--accuracy): the whole `trainer.py` run (the default recipe unless flags say
+otherwise; add --fix-labels auto for label repair) per seed, once with 1 process and once
+with torchrun's --processes, one thread each, the two interleaved; prints the final dev
+balanced accuracy of each run and the mean and spread over the seeds.
 """
 import argparse
 import json
@@ -189,6 +191,8 @@ def main():
     args, trainer_flags = parser.parse_known_args()
     if args.epochs is not None or not args.accuracy:
         trainer_flags = ["--epochs", str(args.epochs or 3), *trainer_flags]
+    if not args.accuracy:  # timing always includes label repair (opt-in in trainer.py); a later flag wins
+        trainer_flags = ["--fix-labels", "auto", *trainer_flags]
     if args.worker:
         return worker(args.worker, trainer_flags)
     if "--data" not in trainer_flags:
