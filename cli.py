@@ -2,9 +2,10 @@
 
 A user's mistake (a bad path, a broken or hostile file, an out-of-range flag) ends with one
 line, `<script>: error: <what is wrong, where, what to do>`, and a non-zero exit status, never
-a traceback. Outputs are checked before any work is done (a typo in --out should not surface
-after an hour of training), and results are written atomically so a crash never leaves half
-a file. Reading untrusted inputs is untrusted.py's job.
+a traceback; `describe` names a value from a file in a few words, however large. Outputs are
+checked before any work is done (a typo in --out should not surface after an hour of
+training), and results are written atomically so a crash never leaves half a file. Reading
+untrusted inputs is untrusted.py's job.
 """
 import argparse
 import contextlib
@@ -54,6 +55,33 @@ def clip(text, limit=40):
 def one_line(error, limit=120):
     """An exception's own message as one short line, for the detail at the end of an error line."""
     return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
+def describe(value):
+    """value in a few words for an error message, whatever a file put there: a number of 5,000
+    digits, a string of megabytes or a list nested 200,000 deep is described, never printed
+    in full and never walked."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() > 128:  # str() of a huge int is slow, and refused past 4,300 digits
+            return f"a number of about {round(value.bit_length() * math.log10(2)):,} digits"
+        return str(value)
+    if isinstance(value, (str, bytes)):
+        return repr(clip(value) if isinstance(value, str) else value[:40])
+    torch = sys.modules.get("torch")  # imported by whoever holds a tensor; cli.py itself does not need it
+    if torch is not None and isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value):,} items"
+    name = {"PickledArray": "numpy array", "PickledDataset": "MyDataset"}.get(type(value).__name__,
+                                                                           type(value).__name__)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def whole(value):
+    """A Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def run_main(main):

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cli import ArgumentParser, UserError, atomic_write, check_output_dir, int_in, pyplot, run_main, save_figure, seed_type
+from cli import (ArgumentParser, UserError, atomic_write, check_output_dir, describe, int_in, pyplot, run_main,
+                 save_figure, seed_type, whole)
 from images import (
     IMAGE_EXTENSIONS, from_unit, image_pixels, list_folder, load_image_folder, to_unit,
 )
-from untrusted import UnsafeFile, as_plain, describe, read_cifar_batch, read_pickle, whole
+from restricted_pickle import UnsafeFile, as_plain
+from untrusted import read_cifar_batch, read_pickle
 
 CLASSES = ("car", "truck", "cat")
 # CIFAR-10 folder names and label ids of the three classes, in the project's label order.

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 import ddp
-from cli import UserError, atomic_write, clip, int_in, one_line, pyplot, save_figure
+from cli import UserError, atomic_write, clip, describe, int_in, one_line, pyplot, save_figure
 from dataset import CLASSES, class_counts
 from images import to_unit
 from models import predict
-from untrusted import describe, read_input_file
+from untrusted import read_input_file
 
 
 def add_repair_args(parser, fold_models):

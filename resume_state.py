@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from cli import UserError
-from untrusted import check_state_dict, describe, tensor_problem, whole
+from cli import UserError, describe, whole
+from untrusted import check_state_dict, tensor_problem
 
 
 def _mismatch(value, example, unit=False):

@@ -32,8 +32,8 @@ from attacks import (
     training_step_size,
 )
 from cli import (
-    ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, exclusive_lock,
-    float_in, int_in, note_once, pyplot, save_figure, seed_type,
+    ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, describe,
+    exclusive_lock, float_in, int_in, note_once, pyplot, save_figure, seed_type,
 )
 from dataset import CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, class_counts, ensure_data, load_pickle
 from images import to_unit
@@ -46,7 +46,7 @@ from treatments import (
     epoch_sampler, label_log_prior, mix_batch, new_average, update_average, validation_split,
 )
 from resume_state import check_resume_state, check_training_state
-from untrusted import describe, read_input_file, read_torch_file
+from untrusted import read_input_file, read_torch_file
 
 # ---------------------------------------------------------------------------
 # The recipe
