@@ -99,7 +99,11 @@ def run_main(main):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except MemoryError:
+    except (MemoryError, RuntimeError) as e:
+        # torch's allocators raise RuntimeError: "DefaultCPUAllocator: can't allocate memory", and
+        # torch.OutOfMemoryError ("CUDA out of memory") on a GPU.
+        if isinstance(e, RuntimeError) and not re.search(r"can't allocate memory|out of memory", str(e), re.I):
+            raise
         print(f"{prog}: error: out of memory; try a smaller --batch-size or smaller data", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:  # `python tester.py | head` closed the pipe: not an error

@@ -42,6 +42,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Pillow's default Image.MAX_IMAGE_PIXELS (a 1 GiB RGBA canvas / 3): about 89 megapixels.
 MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 IMAGE_SIZE = 32
+# A progressive JPEG is decoded once per scan over the whole image, at any draft size: a file can
+# repeat one scan thousands of times (a 630 KB file took minutes). Cameras and encoders write
+# about 10; an embedded thumbnail or second picture adds a few.
+MAX_JPEG_SCANS = 100
 # Class subfolder names (compared lower-cased): CIFAR's "automobile" is the project's "car".
 CLASS_FOLDERS = {"car": 0, "automobile": 0, "truck": 1, "cat": 2}
 SKIP_HINT = "or pass --skip-bad to skip bad files"
@@ -173,6 +177,11 @@ def image_pixels(path, advice="fix or remove the file", exact_size=None):
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                # Counts every start-of-scan marker, a thumbnail's too (never fewer than there are).
+                scans = data.count(b"\xff\xda") if image.format == "JPEG" else 0
+                if scans > MAX_JPEG_SCANS:
+                    raise BadImageFile(path, f"refused: a JPEG of {scans:,} scans (an encoder writes about 10; "
+                                             f"over {MAX_JPEG_SCANS} makes decoding take minutes)", advice)
                 return _shrink(image, path, advice, exact_size)
     except BadImageFile:
         raise

@@ -203,6 +203,16 @@ def _as_written(value):
     return json.dumps(clip(value)) if isinstance(value, str) else describe(value)
 
 
+def _unique_keys(pairs):
+    """A JSON object as a dict; a key given twice is an error (json keeps the last, silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {clip(key)!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
 def read_corrections(path, n):
     """A hand-made list of corrections: [{"index": i, "label": "cat" | 2 | null}, ...]; null drops the image.
 
@@ -211,8 +221,13 @@ def read_corrections(path, n):
     """
     where = f"--fix-labels {path}"
     data = read_input_file(path, "label corrections")
+    # Parsed JSON takes about 24 times the file's bytes: refuse what cannot be one entry per image
+    # (a label_issues.json entry is about 200 bytes) before parsing it.
+    limit = 2**20 + 1024 * n
+    if len(data) > limit:
+        raise UserError(f"{where}: {len(data):,} bytes, more than corrections of {n:,} images take ({limit:,})")
     try:
-        entries = json.loads(data.decode("utf-8"))
+        entries = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ints past 4,300 digits
         raise UserError(f"{where}: not valid JSON ({one_line(e, 100)})") from None
     if isinstance(entries, dict) and isinstance(entries.get("issues"), list):  # our own label_issues.json

@@ -45,7 +45,11 @@ class RestrictedUnpickler(pickle._Unpickler):
       taking hundreds of megabytes;
     * BUILD (set an object's state) works only on the stand-ins below, which check what they
       are given: on a tensor it would resize its storage, on a shared object it would change
-      it for every later load.
+      it for every later load;
+    * items are set only on dicts, with keys that are strings, bytes or ints below 2^31 (and
+      memo slots likewise), and there are no sets: Python hashes other ints, floats and
+      tuples the same way in every process, so a file could choose 100,000 keys of one hash
+      and make each insertion walk all the others (minutes of CPU from a megabyte).
 
     The pure-Python unpickler keeps its memo in a dict and reads what a BINBYTES opcode
     declares only as far as the data goes; the C one grows its memo to any index a file names
@@ -69,8 +73,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         for key in ((module, name), ("*", name)):
             if key in self.allowed:
                 return self.allowed[key]
-        raise UnsafeFile(f"it refers to {clip(module)}.{clip(name)}, which a {self.what} never holds "
-                         "(loading it could run code)")
+        risk = "" if module.split(".")[0] == "torch" else " (loading it could run code)"
+        raise UnsafeFile(f"it refers to {clip(module)}.{clip(name)}, which a {self.what} never holds{risk}")
 
     def load_build(self):
         target, state = self.stack[-2], self.stack[-1]
@@ -94,6 +98,44 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
+    def _items_target(self, target, keys):
+        if type(target) not in (dict, collections.OrderedDict):
+            raise UnsafeFile(f"it sets items of {describe(target)}, which a {self.what} never does")
+        for key in keys:
+            if not safe_key(key):
+                raise UnsafeFile(f"a dict has the key {describe(key)}; a {self.what} uses names and small numbers")
+
+    def load_setitem(self):
+        self._items_target(self.stack[-3], [self.stack[-2]])
+        super().load_setitem()
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        self._items_target(self.stack[-1], items[::2])
+        target = self.stack[-1]
+        for key, value in zip(items[::2], items[1::2], strict=True):
+            target[key] = value
+
+    def load_dict(self):
+        items = self.pop_mark()
+        self._items_target({}, items[::2])
+        self.append(dict(zip(items[::2], items[1::2], strict=True)))
+
+    def load_put(self):  # protocol 0's memo slot is a decimal number of any size
+        slot = int(self.readline()[:-1])
+        if not 0 <= slot < 2**31:
+            raise UnsafeFile(f"it stores an object in memo slot {describe(slot)}")
+        self.memo[slot] = self.stack[-1]
+
+    def load_set(self):
+        raise UnsafeFile(f"it builds a set, which a {self.what} never holds")
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.PUT[0]] = load_put
+    dispatch[pickle.EMPTY_SET[0]] = dispatch[pickle.ADDITEMS[0]] = dispatch[pickle.FROZENSET[0]] = load_set
+
     def load(self):
         """pickle._Unpickler.load, charging each opcode to the file's size."""
         self._unframer = pickle._Unframer(self._file_read, self._file_readline)
@@ -113,6 +155,12 @@ class RestrictedUnpickler(pickle._Unpickler):
                 dispatch[key[0]](self)
         except pickle._Stop as stop:
             return stop.value
+
+
+def safe_key(key):
+    """A dict key whose hash a file cannot choose: a string or bytes (hashed with a per-process
+    secret) or a small int (its own hash, each different)."""
+    return type(key) in (str, bytes) or (type(key) is int and -2**31 <= key < 2**31)
 
 
 class Budget:
@@ -320,6 +368,42 @@ def _latin1_encode(budget):
         return codecs.encode(text, "latin1")
 
     return latin1_encode
+
+
+# A resume state's pickle grows with its history (about 115 instructions an epoch): its budget
+# of instructions is at least this many bytes' worth, enough for about 2,000 epochs.
+ZIP_PICKLE_FLOOR = 2**26
+
+
+def check_zip_pickle(pickled, record_size, what, size):
+    """Unpickle a torch.save() zip archive's data.pkl without its tensor data, to refuse what
+    torch.load(weights_only=True) would read without limit. Its unpickler allows far more than a
+    checkpoint holds (sets, complex numbers, any codec in _codecs.encode, dozens of tensor kinds),
+    charges nothing per instruction and hashes whatever keys a file chooses. Here each storage is
+    a meta tensor (nothing allocated) whose declared size must equal its record's
+    (record_size(key): bytes, or None when absent), each tensor a view inside it, and the rest
+    as for any pickle here. torch.load then reads the same bytes."""
+    budget = Budget(size)
+    storages = {}
+
+    def persistent_load(saved_id):
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+            raise UnsafeFile(f"unknown persistent object {describe(saved_id)}")
+        _, kind, key, _location, numel = saved_id  # location is ignored: data always lands on the CPU
+        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not layout_number(numel):
+            raise UnsafeFile("a storage has an invalid declaration")
+        nbytes = record_size(key)
+        if nbytes != numel * kind.dtype.itemsize:
+            raise UnsafeFile(f"storage {clip(key)} declares {numel:,} {kind.dtype} elements but its record holds "
+                             f"{'no' if nbytes is None else f'{nbytes:,}'} bytes")
+        storage = storages.setdefault(key, _Storage(torch.empty(numel, dtype=kind.dtype, device="meta")))
+        if storage.tensor.dtype != kind.dtype:
+            raise UnsafeFile(f"storage {clip(key)} is declared twice, differently")
+        return storage
+
+    allowed = {**checkpoint_globals(budget), **{("torch", n): t for n, t in _STORAGE_TYPES.items()},
+               ("_codecs", "encode"): _latin1_encode(budget)}
+    RestrictedUnpickler(io.BytesIO(pickled), allowed, what, max(size, ZIP_PICKLE_FLOOR), persistent_load).load()
 
 
 # ---------------------------------------------------------------------------

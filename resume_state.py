@@ -9,7 +9,9 @@ rate to lower). check_resume_state checks what decides what to train on, as soon
 is read; check_training_state the weights, optimizer and schedule, before they are loaded.
 A state that does not fit is one line naming the field.
 """
+import copy
 import math
+import warnings
 
 import torch
 
@@ -110,7 +112,7 @@ def check_resume_state(state, where, expect):
     best = state["best"]
     if expect["best"] and not (
             problems["history"] is None and isinstance(best, dict) and set(best) == {"epoch", "score"}
-            and whole(best["epoch"]) and 1 <= best["epoch"] <= epoch
+            and whole(best["epoch"]) and 1 <= best["epoch"] <= epoch and type(best["score"]) is float
             and best["score"] == history[best["epoch"] - 1]["val"]["balanced_accuracy"]):
         problems["best"] = f"is {describe(best)}, not the record of one of its epochs"
     if not expect["best"] and best is not None:
@@ -122,17 +124,48 @@ def check_resume_state(state, where, expect):
             raise UserError(f"--resume: {where}: {key} {problem}{RESUME_FIX}")
 
 
-def _optimizer_problem(saved, optimizer, steps):
+SCHEDULED = ("lr", "momentum", "betas")  # what a schedule may move in an optimizer's param_groups
+
+
+def scheduled_settings(optimizer, scheduler, steps):
+    """Each param group's lr, momentum and betas after `steps` steps of this run's schedule: the fresh
+    scheduler stepped that far, then optimizer and scheduler put back as they were."""
+    saved = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing trains here
+        for _ in range(steps):
+            scheduler.step()
+    settings = [{k: group[k] for k in SCHEDULED if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved[0])
+    scheduler.load_state_dict(saved[1])
+    return settings
+
+
+def _setting_text(value):
+    return f"({', '.join(map(describe, value))})" if isinstance(value, tuple) else describe(value)
+
+
+def _same_setting(saved, expected):
+    if isinstance(expected, tuple):
+        return len(saved) == len(expected) and all(map(_same_setting, saved, expected))
+    return math.isclose(saved, expected, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def _optimizer_problem(saved, optimizer, steps, scheduled):
     fresh = optimizer.state_dict()
     if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         return f"is {describe(saved)}, not an optimizer's state"
     problem = _mismatch(saved["param_groups"], fresh["param_groups"])
     if problem:
         return f"param_groups {problem}"
-    for group, fresh_group in zip(saved["param_groups"], fresh["param_groups"]):
-        # The schedule moves the learning rate and momentum; every other setting is this run's.
-        if any(group[k] != v for k, v in fresh_group.items() if k not in ("lr", "momentum", "betas")):
+    for group, fresh_group, expected in zip(saved["param_groups"], fresh["param_groups"], scheduled):
+        if any(group[k] != v for k, v in fresh_group.items() if k not in SCHEDULED):
             return "param_groups hold other settings than this run's"
+        # A learning rate of 1000 or a beta2 of 0 would train on silently, or diverge with the wrong advice.
+        for key, value in expected.items():
+            if not _same_setting(group[key], value):
+                return (f"param_groups {key} is {_setting_text(group[key])}, not the {_setting_text(value)} "
+                        f"this run's schedule gives after {steps} steps")
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them in order
     expected = OPTIMIZER_STATE.get(type(optimizer), {})
     for index, entry in saved["state"].items():
@@ -161,7 +194,8 @@ def check_training_state(state, where, model, optimizer, scheduler, steps_per_ep
     check_state_dict(model, state["model"], f"--resume: {where}")
     if state["average"] is not None:
         check_state_dict(model, state["average"], f"--resume: {where} (average)")
-    problem = _optimizer_problem(state["optimizer"], optimizer, state["epoch"] * steps_per_epoch)
+    steps = state["epoch"] * steps_per_epoch
+    problem = _optimizer_problem(state["optimizer"], optimizer, steps, scheduled_settings(optimizer, scheduler, steps))
     if problem:
         raise UserError(f"--resume: {where}: optimizer {problem}{RESUME_FIX}")
     fresh, saved = scheduler.state_dict(), state["scheduler"]

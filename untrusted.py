@@ -7,8 +7,9 @@ Every data pickle, checkpoint, resume state and image file crosses this boundary
 * read_input_file: regular files only (a FIFO or /dev/zero would block or never end);
 * data pickles, CIFAR-10 batches and legacy (non-zip) checkpoints through the restricted
   unpickler of restricted_pickle.py, each allowed only the globals its kind of file needs;
-* zip checkpoints: stored entries only, claimed sizes within the file, checksums valid, then
-  torch.load(weights_only=True);
+* zip checkpoints and resume states: stored entries only, claimed sizes within the file,
+  checksums valid, data.pkl through the restricted unpickler (storages as meta tensors), then
+  torch.load(weights_only=True) on the same bytes;
 * checkpoint contents: a state_dict of finite, plain tensors that fits the model.
 
 What a file means (the course's list of (image, label), a resume state) is checked by the
@@ -28,7 +29,8 @@ import torch
 
 from cli import MissingFile, UserError, clip, describe, one_line, whole
 from restricted_pickle import (Budget, NotTorchFormat, PickledArray, RestrictedUnpickler, UnsafeFile,
-                               checkpoint_globals, data_pickle_globals, numpy_globals, read_legacy_torch)
+                               check_zip_pickle, checkpoint_globals, data_pickle_globals, numpy_globals,
+                               read_legacy_torch)
 
 # torch.load(weights_only=True) is the boundary every zip checkpoint crosses. It had published
 # bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
@@ -140,16 +142,26 @@ def read_cifar_batch(path):
 # Checkpoints and other torch.save() files
 
 
-def _check_zip(data, path):
-    """A zip checkpoint may not expand past its own size, and its checksums must hold.
+def _check_zip(data, path, what):
+    """A zip checkpoint may not expand past its own size, and its checksums must hold; returns
+    (the archive's folder, each entry's size by name).
 
     torch.save stores entries uncompressed; a compressed entry could inflate without bound
     (a zip bomb), and a CRC mismatch means bytes changed after saving (corruption that would
-    otherwise load as garbage weights).
+    otherwise load as garbage weights). torch's reader takes the folder from the first entry
+    and finds names without regard to case: two entries whose names differ at most in case
+    could let it read another data.pkl than the one checked here.
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             entries = archive.infolist()
+            folder = entries[0].filename.split("/")[0] + "/" if entries else ""
+            names = [e.filename for e in entries]
+            if len({n.lower() for n in names}) != len(names):
+                raise UserError(f"{path}: refused: two entries of the same name; torch.save writes each once")
+            if not entries or not all(n.startswith(folder) for n in names) or folder + "data.pkl" not in names:
+                raise UserError(f"{path}: not a readable PyTorch checkpoint (not the layout torch.save writes: "
+                                "one folder holding data.pkl)")
             # Bit 0: encrypted, bit 5: compressed patched data; torch.save sets neither.
             flagged = [e.filename for e in entries if e.flag_bits & 0x21]
             if flagged:
@@ -164,10 +176,20 @@ def _check_zip(data, path):
                 raise UserError(f"{path}: refused: its entries claim {total:,} bytes but the file holds "
                                 f"{len(data):,}")
             bad = archive.testzip()
+            pickled = archive.read(folder + "data.pkl")
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, UnicodeError, EOFError) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {one_line(e)})") from None
     if bad is not None:
         raise UserError(f"{path}: corrupted: the checksum of {bad} does not match its data")
+    sizes = {e.filename: e.file_size for e in entries}
+    try:
+        check_zip_pickle(pickled, lambda key: sizes.get(f"{folder}data/{key}"), what, len(data))
+    except UnsafeFile as e:
+        raise UserError(f"{path}: refused: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: refused: nested too deeply for a {what}") from None
+    except Exception as e:  # a broken pickle fails in many ways; all mean the same
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle: {type(e).__name__})") from None
 
 
 def _torch_load(data, path):
@@ -211,10 +233,10 @@ def plain_mappings(value, path, depth=MAX_NESTING):
     return value
 
 
-def _load_zip(data, path):
+def _load_zip(data, path, what):
     """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only,
     its mappings plain dicts."""
-    _check_zip(data, path)
+    _check_zip(data, path, what)
     return plain_mappings(_torch_load(data, path), path)
 
 
@@ -223,7 +245,7 @@ def read_torch_file(path, what):
     data = read_input_file(path, what)
     if data[:4] != ZIP_MAGIC:
         raise UserError(f"{path}: not a {what} written by torch.save")
-    return _load_zip(data, path)
+    return _load_zip(data, path, what)
 
 
 def read_checkpoint(path, architectures):
@@ -235,7 +257,7 @@ def read_checkpoint(path, architectures):
     """
     data = read_input_file(path, "checkpoint")
     if data[:4] == ZIP_MAGIC:
-        ckpt = _load_zip(data, path)
+        ckpt = _load_zip(data, path, "checkpoint")
     else:
         try:
             ckpt = read_legacy_torch(data, checkpoint_globals(Budget(len(data))), "checkpoint")
@@ -276,10 +298,18 @@ def _describe_mismatch(model, state):
     return "; ".join(parts)
 
 
+# What a weight may be: the floating types a model trains in (float8 has no NaN check, and
+# one of them counts NaN as finite).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def tensor_problem(value):
-    """Why a tensor from a file cannot be used as plain numbers (sparse, meta, NaN or infinite), or None."""
+    """Why a tensor from a file cannot be used as plain numbers (sparse, meta, float8, NaN or infinite),
+    or None."""
     if value.layout != torch.strided or value.is_meta or value.is_quantized:
         return f"is not a plain dense tensor ({value.layout}, {value.device})"
+    if value.is_floating_point() and value.dtype not in FLOAT_DTYPES:
+        return f"has dtype {value.dtype}, not one a model trains in ({', '.join(map(str, FLOAT_DTYPES))})"
     if value.is_floating_point() and not torch.isfinite(value).all():
         return "holds NaN or infinite values"
     return None

@@ -256,7 +256,7 @@ DATA_CASES = {
     # Found by review: what Python's C unpickler or BUILD let a few bytes do
     "memo index 2**30 (the C unpickler grew its memo to it)": (
         "expected a list", lambda m: Raw(b"\x80\x02Nr" + struct.pack("<I", 2**30) + b".")),
-    "a million one-byte opcodes (empty sets)": ("pickle instructions", lambda m: Raw(b"\x80\x04" + b"\x8f0" * 500_000 + b"N.")),
+    "a million one-byte opcodes (empty dicts)": ("pickle instructions", lambda m: Raw(b"\x80\x04" + b"}0" * 500_000 + b"N.")),
     "BUILD resizing a tensor's storage": ("it sets the state of a torch.float32 tensor", lambda m: [(CallThenSetState(
         torch._utils._rebuild_tensor_v2, (Call(torch.storage._load_from_bytes, legacy_blob(image_bytes()[:4], 1)), 0,
                                           (1,), (1,), False, collections.OrderedDict()), (None, 0, (3, 32, 32), (1024, 32, 1))), 0)]),
@@ -264,6 +264,11 @@ DATA_CASES = {
         b"\x80\x02]" + UNBUILT_ARRAY + b"K\x00\x86a.")),
     "a MyDataset that never gets its list": ("a MyDataset has no the_list", lambda m: Raw(
         b"\x80\x02cdataset\nMyDataset\n)\x81.")),
+    "a set of ints": ("builds a set", lambda m: Raw(pickle.dumps([(torch.zeros(3, 32, 32), 0), {1, 2}], protocol=4))),
+    "dict keys sharing one hash": ("a dict has the key", lambda m: Raw(same_hash_keys(1000))),
+    "dict key that is a float": ("a dict has the key 0.5", lambda m: [(torch.zeros(3, 32, 32), 0), {0.5: 1}]),
+    "items set on a list": ("it sets items of a list", lambda m: Raw(b"\x80\x02]K\x00K\x01s.")),
+    "protocol-0 memo slot of 40 digits": ("memo slot", lambda m: Raw(b"(lp" + b"9" * 40 + b"\n.")),
     "BYTEARRAY8 declaring 64 GiB in 10 bytes": ("declares 68,719,476,736 bytes", lambda m: Raw(
         b"\x80\x05\x96" + struct.pack("<Q", 2**36) + b".")),
     "tensor stride of 5,000 digits": ("invalid layout", lambda m: [(crafted_tensor(
@@ -312,6 +317,49 @@ def zip_flags(bits, bad_name=False):
             data[i + 46] = 0xFF
         i += 4
     return bytes(data)
+
+
+# Python hashes k * (2**61 - 1) to 0 for every k: keys a file can choose so that each insertion
+# walks all the keys before it.
+SAME_HASH = 2**61 - 1
+
+
+def same_hash_keys(n):
+    """A pickle (protocol 2) of a dict whose n int keys all share one hash."""
+    items = b"".join(b"\x8a\x0a" + (k * SAME_HASH).to_bytes(10, "little") + b"N" for k in range(1, n + 1))
+    return b"\x80\x02}(" + items + b"u."
+
+
+def zip_holding(pickled, records=(), first=None, data_pkl_twice=False):
+    """A zip laid out as torch.save writes it (archive/data.pkl, byteorder, data/<key>) with the given
+    data.pkl and storage records; first: an entry written before all others."""
+    import warnings
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
+        if first:
+            archive.writestr(first, b"")
+        archive.writestr("archive/data.pkl", pickled)
+        if data_pkl_twice:
+            archive.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        archive.writestr("archive/byteorder", b"little")
+        archive.writestr("archive/version", b"3\n")
+        for key, data in records:
+            archive.writestr(f"archive/data/{key}", data)
+    return out.getvalue()
+
+
+def shipped_pickle_and_records():
+    with zipfile.ZipFile(PRETRAINED) as archive:
+        names = archive.namelist()
+        return (archive.read("archive/data.pkl"),
+                [(n.split("/")[-1], archive.read(n)) for n in names if n.startswith("archive/data/")])
+
+
+def with_short_record(key):
+    pickled, records = shipped_pickle_and_records()
+    return zip_holding(pickled, [(k, data[:100] if k == key else data) for k, data in records])
 
 
 def state_dict_file(path, state, legacy=False):
@@ -403,9 +451,30 @@ CHECKPOINT_CASES = {
     "legacy OrderedDict given an items attribute": ("attributes of a dict", lambda p, m: p.write_bytes(
         legacy_prefix() + b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsK\x01sb."
         + pickle.dumps([], protocol=2))),
-    "zip state_dict whose items method is shadowed": ("ok", lambda p, m: torch.save(
+    "zip state_dict whose items method is shadowed": ("attributes of a dict", lambda p, m: torch.save(
         {"model_state_dict": shadowed(base_state(), items=5)}, p)),
     "another network's weights": ("missing keys", lambda p, m: torch.save({"model_state_dict": {"w": torch.zeros(2)}}, p)),
+    # torch.load(weights_only=True) reads what follows without limit: each is refused before it runs.
+    "zip dict of 3,000 keys sharing one hash": ("a dict has the key 2305843009213693951", lambda p, m: p.write_bytes(
+        zip_holding(same_hash_keys(3000)))),
+    "zip pickle decoding hex": ("codec 'hex'", lambda p, m: p.write_bytes(zip_holding(pickle.dumps(
+        Call(codecs.encode, "00" * 1000, "hex"), protocol=2)))),
+    "zip pickle of a million empty sets": ("builds a set", lambda p, m: p.write_bytes(zip_holding(
+        b"\x80\x04" + b"\x8f" * 2**20 + b"."))),
+    "zip pickle of a million empty dicts": ("more pickle instructions", lambda p, m: p.write_bytes(zip_holding(
+        b"\x80\x04" + b"}" * 2**20 + b"."))),
+    "float8 weights": ("torch._utils._rebuild_tensor_v3", lambda p, m: state_dict_file(
+        p, with_tensor("fc1.weight", lambda t: t.to(torch.float8_e4m3fn)))),
+    "zip with data.pkl twice": ("two entries of the same name", lambda p, m: p.write_bytes(zip_holding(
+        pickle.dumps({}, protocol=2), data_pkl_twice=True))),
+    "zip whose first entry is in another folder": ("one folder holding data.pkl", lambda p, m: p.write_bytes(
+        zip_holding(pickle.dumps({}, protocol=2), first="other/data.pkl"))),
+    "zip storage record shorter than declared": ("storage 0 declares 1,200 torch.float32 elements but its record "
+                                                 "holds 100 bytes", lambda p, m: p.write_bytes(with_short_record("0"))),
+    "zip storage record missing": ("storage 0 declares 1,200 torch.float32 elements but its record holds no bytes",
+                                   lambda p, m: p.write_bytes(zip_holding(shipped_pickle_and_records()[0]))),
+    "zip as written by torch.save, rebuilt": ("ok", lambda p, m: p.write_bytes(zip_holding(
+        *shipped_pickle_and_records()))),
 }
 
 
@@ -722,6 +791,8 @@ FIX_CASES = {
     "label of 4,000 digits": ('[{"index": 1, "label": ' + "7" * 4000 + "}]", "label a number of about 4,000 digits"),
     "label nested 100 deep": ('[{"index": 1, "label": ' + "[" * 100 + "]" * 100 + "}]", "label a list of 1 items"),
     "label a megabyte long": ([{"index": 1, "label": "x" * 2**20}], "(1,048,576 characters)"),
+    "a key given twice": ('[{"index": 3, "label": "truck", "index": 5}]', "the key 'index' appears twice"),
+    "larger than corrections of its images take": ("[" + " " * 2**21 + "]", "2,097,154 bytes, more than"),
 }
 
 
@@ -955,9 +1026,9 @@ RESUME_CASES = {
     "schedule at another step": ("scheduler stands at step 3", tamper("scheduler", set_item("last_epoch", 3))),
     "schedule of another length": ("scheduler has other settings", tamper("scheduler", set_item("total_steps", 7))),
     "schedule as a list": ("scheduler is a list", tamper("scheduler", lambda s: [s])),
-    "labels on the meta device": ("labels is not a plain dense tensor", tamper(
+    "labels on the meta device": ("refers to torch._utils._rebuild_meta_tensor_no_storage", tamper(
         "labels", lambda labels: torch.zeros_like(labels, device="meta"))),
-    "sparse keep mask": ("keep is not a plain dense tensor", tamper("keep", lambda keep: keep.to_sparse())),
+    "sparse keep mask": ("refers to torch._utils._rebuild_sparse_tensor", tamper("keep", lambda keep: keep.to_sparse())),
     "Adam state without its moments": ("optimizer state 0 is not the state", tamper("optimizer", lambda o: {
         **o, "state": {**o["state"], 0: {"step": o["state"][0]["step"]}}})),
     "Adam's second moment negative": ("exp_avg_sq holds negative values", tamper("optimizer", in_optimizer_state(
@@ -966,7 +1037,13 @@ RESUME_CASES = {
         "step", lambda t: torch.ones_like(t)))),
     "Adam state of one parameter dropped": ("optimizer state covers 9 of this model's 10 parameters", tamper(
         "optimizer", lambda o: {**o, "state": {k: v for k, v in o["state"].items() if k != 3}})),
-    "settings whose get method is shadowed": ("ok", tamper("config", lambda config: shadowed(config, get=5))),
+    "settings whose get method is shadowed": ("attributes of a dict", tamper("config", lambda config: shadowed(config, get=5))),
+    "learning rate 1000": ("param_groups lr is 1000.0, not the", tamper("optimizer", lambda o: {
+        **o, "param_groups": [{**o["param_groups"][0], "lr": 1000.0}]})),
+    "Adam's beta2 set to 1": ("param_groups betas is (", tamper("optimizer", lambda o: {
+        **o, "param_groups": [{**o["param_groups"][0], "betas": (o["param_groups"][0]["betas"][0], 1.0)}]})),
+    "best score as a tensor": ("best is a dict", tamper("best", lambda best: {
+        **best, "score": torch.tensor([best["score"]] * 2)})),
     "not a dict": ("is not a resume state", None),
 }
 
@@ -995,3 +1072,32 @@ def test_tampered_resume_state(case, resume_state, tmp_path):
     else:
         assert_one_line(result, words)
         assert len(result.stderr) < 600
+
+
+def test_torch_running_out_of_memory_is_one_line(capsys):
+    import cli
+
+    def allocate():  # what torch's CPU allocator raises when the system refuses
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_main(allocate)
+    assert stopped.value.code == 1 and "error: out of memory" in capsys.readouterr().err
+
+    def bug():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError):  # a bug keeps its traceback
+        cli.run_main(bug)
+
+
+def test_float8_weights_are_refused_by_the_state_dict_check():
+    from cli import UserError
+    from models import SimpleModel
+    from untrusted import check_state_dict
+
+    state = SimpleModel().state_dict()
+    state["fc1.weight"] = state["fc1.weight"].to(torch.float8_e4m3fn)
+    with pytest.raises(UserError, match="fc1.weight has dtype torch.float8_e4m3fn, not one a model trains in"):
+        check_state_dict(SimpleModel(), state, "m.ckpt")

@@ -85,6 +85,7 @@ FORMAT_CASES = {
     "grey.jpg": (lambda p: solid((90, 90, 90), mode="L").save(p, quality=95), (90, 90, 90), 3),
     "palette.png": (lambda p: solid(BLUE, mode="P").save(p), BLUE, 0),
     "cmyk.jpg": (lambda p: solid((200, 30, 60), mode="CMYK").save(p, quality=95), (200, 30, 60), 6),
+    "progressive.jpg": (lambda p: solid((200, 30, 60)).save(p, quality=95, progressive=True), (200, 30, 60), 3),
     "grey-alpha.png": (lambda p: solid((90, 90, 90), mode="LA").save(p), (90, 90, 90), 0),
     "bilevel.bmp": (lambda p: solid(WHITE, mode="1").save(p), WHITE, 0),
     # 16-bit: the high byte (40000 >> 8 = 156), where a plain convert("L") would clip to 255
@@ -217,6 +218,19 @@ def tiff_named_jpg(path):
     solid(RED).save(path, format="TIFF")
 
 
+def progressive_jpeg(extra_scans=0):
+    """A progressive JPEG whose last scan is repeated extra_scans more times: each repetition makes
+    the decoder walk the whole image again."""
+    def write(path):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(
+            buffer, "JPEG", progressive=True)
+        data = buffer.getvalue()
+        last_scan = data[data.rfind(b"\xff\xda"): data.rfind(b"\xff\xd9")]
+        path.write_bytes(data[: data.rfind(b"\xff\xd9")] + last_scan * extra_scans + b"\xff\xd9")
+    return write
+
+
 # name -> (file name, write(path), words of the one-line refusal)
 BAD_FILES = {
     "not an image": ("notes.jpg", lambda p: p.write_text("car, truck, cat\n"), "not a JPEG, PNG, WebP, BMP or GIF"),
@@ -230,6 +244,7 @@ BAD_FILES = {
     "PNG just over Pillow's limit (its warning is an error)": (
         "big.png", lambda p: p.write_bytes(png_declaring(10_000, 9_000)), "90,000,000 pixels"),
     "GIF bomb": ("bomb.gif", lambda p: p.write_bytes(gif_declaring(65535, 65535)), "decompression bomb"),
+    "progressive JPEG repeating a scan 150 times": ("scans.jpg", progressive_jpeg(150), "a JPEG of 160 scans"),
     "FIFO": ("pipe.jpg", lambda p: os.mkfifo(p), "not a regular file"),
     "symlink loop": ("loop.jpg", lambda p: os.symlink(p.name, p), "Too many levels of symbolic links"),
     "dangling symlink": ("gone.jpg", lambda p: os.symlink("nowhere.jpg", p), "no such photo file"),
