@@ -7,16 +7,20 @@ state must not be used silently (an integer 'keep' would index images instead of
 them) nor fail later with advice that does not fit (NaN in Adam's moments is not a learning
 rate to lower). check_resume_state checks what decides what to train on, as soon as the state
 is read; check_training_state the weights, optimizer and schedule, before they are loaded.
-A state that does not fit is one line naming the field.
+A state that does not fit is one line naming the field. load_resume and restore are what
+trainer.py calls: read and check, then load into the fresh model, optimizer and schedule.
 """
 import copy
+import hashlib
 import math
 import warnings
+from pathlib import Path
 
 import torch
 
 from cli import UserError, describe, whole
-from untrusted import check_state_dict, tensor_problem
+from metrics import compute_metrics
+from untrusted import check_state_dict, read_torch_file, tensor_problem
 
 
 def _mismatch(value, example, unit=False):
@@ -210,3 +214,53 @@ def check_training_state(state, where, model, optimizer, scheduler, steps_per_ep
             problem = f"stands at step {describe(saved['last_epoch'])}, not at the end of epoch {state['epoch']}"
     if problem:
         raise UserError(f"--resume: {where}: scheduler {problem}{RESUME_FIX}")
+
+
+# ---------------------------------------------------------------------------
+# Where the state lives, what identifies its run, and loading it into a fresh run
+
+
+def resume_path(out):
+    return Path(out).with_suffix(".resume.pt")
+
+
+# The settings a resumed run must share with the run it continues.
+RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
+            "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
+            "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval",
+            "arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model")
+
+
+def data_fingerprint(images, labels):
+    """SHA-256 of the training tensors: a resume must continue on the very data it started on."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(labels.numpy().astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+def load_resume(path, args, fingerprint, n_images):
+    """The resume state at path, every field checked against this run (check_resume_state)."""
+    if not Path(path).exists():
+        raise UserError(f"--resume: no resume state at {path} (start without --resume)")
+    state = read_torch_file(path, "resume state")
+    metrics = compute_metrics([0, 1, 2], [0, 1, 2])  # what an epoch's scores look like
+    entry = {"epoch": 1, "dev": metrics, "val": metrics if args.val_fraction else None}
+    if args.adversarial != "none" and args.robust_eval:
+        entry["robust"] = {"clean": 0.0, "fgsm": 0.0, "pgd": 0.0}
+    check_resume_state(state, path, dict(
+        epochs=args.epochs, images=n_images, config={k: getattr(args, k) for k in RUN_KEYS},
+        fingerprint=fingerprint, entry=entry, best=args.select == "best-val", ema=bool(args.ema)))
+    return state
+
+
+def restore(state, path, model, optimizer, scheduler, device, steps_per_epoch):
+    """Load a checked resume state into the fresh model, optimizer and scheduler; return (history,
+    first epoch, average, best)."""
+    check_training_state(state, path, model, optimizer, scheduler, steps_per_epoch)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    average = state["average"]
+    if average is not None:
+        average = {k: v.to(device) for k, v in average.items()}
+    return state["history"], state["epoch"] + 1, average, state["best"]

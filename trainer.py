@@ -45,8 +45,8 @@ from treatments import (
     TREATMENT_DEFAULTS, add_treatment_args, averaged_model, batch_loss, check_treatment_args, ema_decay,
     epoch_sampler, label_log_prior, mix_batch, new_average, update_average, validation_split,
 )
-from resume_state import check_resume_state, check_training_state
-from untrusted import read_input_file, read_torch_file
+from resume_state import RUN_KEYS, data_fingerprint, load_resume, restore, resume_path
+from untrusted import read_input_file
 
 # ---------------------------------------------------------------------------
 # The recipe
@@ -471,56 +471,6 @@ def warn_missing_classes(labels, what):
     if missing:
         print(f"warning: the {what} hold no {' or '.join(missing)} images; the model cannot learn to predict "
               f"{'it' if len(missing) == 1 else 'them'}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------
-# Resume state: <out>.resume.pt, written after every epoch
-
-
-def resume_path(out):
-    return Path(out).with_suffix(".resume.pt")
-
-
-# The settings a resumed run must share with the run it continues.
-RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
-            "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
-            "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval",
-            "arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model")
-
-
-def data_fingerprint(images, labels):
-    """SHA-256 of the training tensors: a resume must continue on the very data it started on."""
-    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
-    digest.update(labels.numpy().astype("int64").tobytes())
-    return digest.hexdigest()
-
-
-def load_resume(path, args, fingerprint, n_images):
-    """The resume state at path, every field checked against this run (resume_state.check_resume_state)."""
-    if not Path(path).exists():
-        raise UserError(f"--resume: no resume state at {path} (start without --resume)")
-    state = read_torch_file(path, "resume state")
-    metrics = compute_metrics([0, 1, 2], [0, 1, 2])  # what an epoch's scores look like
-    entry = {"epoch": 1, "dev": metrics, "val": metrics if args.val_fraction else None}
-    if args.adversarial != "none" and args.robust_eval:
-        entry["robust"] = {"clean": 0.0, "fgsm": 0.0, "pgd": 0.0}
-    check_resume_state(state, path, dict(
-        epochs=args.epochs, images=n_images, config={k: getattr(args, k) for k in RUN_KEYS},
-        fingerprint=fingerprint, entry=entry, best=args.select == "best-val", ema=bool(args.ema)))
-    return state
-
-
-def restore(state, path, model, optimizer, scheduler, device, steps_per_epoch):
-    """Load a checked resume state into the fresh model, optimizer and scheduler; return (history,
-    first epoch, average, best)."""
-    check_training_state(state, path, model, optimizer, scheduler, steps_per_epoch)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    average = state["average"]
-    if average is not None:
-        average = {k: v.to(device) for k, v in average.items()}
-    return state["history"], state["epoch"] + 1, average, state["best"]
 
 
 # ---------------------------------------------------------------------------
