@@ -46,6 +46,8 @@ IMAGE_SIZE = 32
 # repeat one scan thousands of times (a 630 KB file took minutes). Cameras and encoders write
 # about 10; an embedded thumbnail or second picture adds a few.
 MAX_JPEG_SCANS = 100
+# Pillow decodes run-length BMPs in Python, a byte at a time: 40 KB declaring 89 megapixels took 12 s.
+MAX_RLE_BMP_PIXELS = 16 * 10**6
 # Class subfolder names (compared lower-cased): CIFAR's "automobile" is the project's "car".
 CLASS_FOLDERS = {"car": 0, "automobile": 0, "truck": 1, "cat": 2}
 SKIP_HINT = "or pass --skip-bad to skip bad files"
@@ -157,6 +159,29 @@ def _shrink(image, path, advice, exact_size):
     return torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def _png_chunks(data, kind):
+    """How many chunks of this kind a PNG's bytes hold (walking the chunk headers, never inflating)."""
+    count, at = 0, 8
+    while at + 8 <= len(data):
+        count += data[at + 4 : at + 8] == kind
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+    return count
+
+
+def _check_decoding_cost(image, data, path, advice):
+    """Refuse what would take Pillow minutes although its pixel count is within the limit."""
+    # Every start-of-scan marker is counted, a thumbnail's too (never fewer than there are);
+    # a multi-picture JPEG (MPO, as phones write) is a JPEG here.
+    scans = data.count(b"\xff\xda") if image.format in ("JPEG", "MPO") else 0
+    if scans > MAX_JPEG_SCANS:
+        raise BadImageFile(path, f"refused: a JPEG of {scans:,} scans (an encoder writes about 10; over "
+                                 f"{MAX_JPEG_SCANS} makes decoding take minutes)", advice)
+    pixels = image.width * image.height
+    if image.format == "BMP" and image.info.get("compression") in (1, 2) and pixels > MAX_RLE_BMP_PIXELS:
+        raise BadImageFile(path, f"refused: a run-length BMP of {pixels:,} pixels (over {MAX_RLE_BMP_PIXELS:,} "
+                                 "decodes slowly)", "save it as PNG or JPEG")
+
+
 def image_pixels(path, advice="fix or remove the file", exact_size=None):
     """One image file as uint8 RGB pixels [3, 32, 32], or BadImageFile naming it.
 
@@ -170,6 +195,9 @@ def image_pixels(path, advice="fix or remove the file", exact_size=None):
         raise BadImageFile(path, str(e).removeprefix(f"{path}: "), advice) from None
     if not data:
         raise BadImageFile(path, "empty file (0 bytes), not an image", advice)
+    # Pillow inflates each colour profile as it opens a PNG (a megabyte each); a PNG has at most one.
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and _png_chunks(data, b"iCCP") > 1:
+        raise BadImageFile(path, "refused: a PNG with more than one colour profile (iCCP chunk)", advice)
     try:
         with warnings.catch_warnings():
             # Pillow's notes on odd EXIF or palettes would break the one-line output; its
@@ -177,11 +205,7 @@ def image_pixels(path, advice="fix or remove the file", exact_size=None):
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                # Counts every start-of-scan marker, a thumbnail's too (never fewer than there are).
-                scans = data.count(b"\xff\xda") if image.format == "JPEG" else 0
-                if scans > MAX_JPEG_SCANS:
-                    raise BadImageFile(path, f"refused: a JPEG of {scans:,} scans (an encoder writes about 10; "
-                                             f"over {MAX_JPEG_SCANS} makes decoding take minutes)", advice)
+                _check_decoding_cost(image, data, path, advice)
                 return _shrink(image, path, advice, exact_size)
     except BadImageFile:
         raise

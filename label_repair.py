@@ -276,24 +276,31 @@ def plot_flagged(images, given, suggested, confidence, path, limit=40):
     save_figure(fig, path, dpi=110)
 
 
+def hand_made_labels(labels, fix_labels):
+    """(labels, keep, corrections applied) for --fix-labels none or FILE: the given labels, with the
+    file's corrections (null drops an image)."""
+    labels, keep = labels.clone(), torch.ones(len(labels), dtype=torch.bool)
+    fixes = {} if fix_labels == "none" else read_corrections(fix_labels, len(labels))
+    for index, label in fixes.items():
+        if label is None:
+            keep[index] = False
+        else:
+            labels[index] = label
+    return labels, keep, len(fixes)
+
+
 def repair_labels(images, labels, args, device, train_fold):
     """Apply --fix-labels; return (labels to train on, mask of images to keep).
 
     train_fold(images, labels, name) trains one fold model of --fix-labels auto.
     """
-    labels, keep = labels.clone(), torch.ones(len(labels), dtype=torch.bool)
-    if args.fix_labels == "none":
-        return labels, keep
     if args.fix_labels != "auto":
-        fixes = read_corrections(args.fix_labels, len(labels))
-        for index, label in fixes.items():
-            if label is None:
-                keep[index] = False
-            else:
-                labels[index] = label
-        print(f"Applied {len(fixes)} label corrections from {args.fix_labels} "
-              f"({int((~keep).sum())} images dropped)", file=sys.stderr)
+        labels, keep, applied = hand_made_labels(labels, args.fix_labels)
+        if args.fix_labels != "none":
+            print(f"Applied {applied} label corrections from {args.fix_labels} "
+                  f"({int((~keep).sum())} images dropped)", file=sys.stderr)
         return labels, keep
+    labels, keep = labels.clone(), torch.ones(len(labels), dtype=torch.bool)
 
     start = time.time()
     print(f"Label repair: {args.repair_folds}-fold out-of-fold predictions "

@@ -257,6 +257,14 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
     return data.detach()
 
 
+def _empty_ordered_dict(*args, **kwargs):
+    """Stands in for collections.OrderedDict: empty, as torch.save makes one (its items follow by
+    SETITEMS, whose keys are checked); given items it would hash whatever keys a file chose."""
+    if args or kwargs:
+        raise UnsafeFile("it builds an OrderedDict from a list of items, which torch.save never does")
+    return collections.OrderedDict()
+
+
 def tensor_globals(budget):
     """The globals a pickled tensor needs (rebuilt within bounds), each tensor charged to budget."""
 
@@ -267,7 +275,7 @@ def tensor_globals(budget):
     return {
         ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
         ("torch._utils", "_rebuild_tensor"): rebuild_tensor,
-        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("collections", "OrderedDict"): _empty_ordered_dict,
     }
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from cli import UserError, describe, whole
+from label_repair import hand_made_labels
 from metrics import compute_metrics
+from models import load_model, predict
 from untrusted import check_state_dict, read_torch_file, tensor_problem
 
 
@@ -69,10 +71,26 @@ RESUME_FIX = "; delete it to start over, or run without --resume"
 SCHEDULER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"}
 
 
+def _labels_problems(labels, keep, given, config):
+    """What is wrong with the stored labels and kept mask for this run's --fix-labels, by field."""
+    if config["fix_labels"] != "auto":  # none or a file: the same labels again, at no cost
+        fixed, kept, _ = hand_made_labels(given, config["fix_labels"])
+        source = f"--fix-labels {config['fix_labels']} gives" + (" (has the file changed?)"
+                                                                  if config["fix_labels"] != "none" else "")
+        return {"labels": None if torch.equal(labels, fixed) else f"differ from what {source}",
+                "keep": None if torch.equal(keep, kept) else f"differs from what {source}"}
+    # Automatic repair takes as long as training to run again; what it may do is checked instead.
+    if config["repair_action"] == "relabel" and not keep.all():
+        return {"keep": "drops images, but --repair-action relabel keeps every one"}
+    if config["repair_action"] != "relabel" and not torch.equal(labels, given):
+        return {"labels": "differ from the data's, but --repair-action drop changes none"}
+    return {}
+
+
 def check_resume_state(state, where, expect):
     """Refuse a resume state that does not fit this run, with one line naming the field.
 
-    expect: epochs (of the run), images (count of the training data), config (this run's
+    expect: epochs (of the run), labels (the training data's given labels), config (this run's
     settings, by key), fingerprint (the data's SHA-256), entry (what one epoch's history record
     looks like, its loss aside), best (whether --select best-val keeps a best record), ema
     (whether an average of the weights is kept). This checks what decides what to train on;
@@ -90,7 +108,7 @@ def check_resume_state(state, where, expect):
     if not isinstance(state["data_sha256"], str) or state["data_sha256"] != expect["fingerprint"]:
         raise UserError(f"--resume: {config['data']} has changed since {where} was written (its stored labels "
                         "belong to other images); restore that data or start without --resume")
-    epoch, n, history = state["epoch"], expect["images"], state["history"]
+    epoch, n, history = state["epoch"], len(expect["labels"]), state["history"]
     if not whole(epoch) or not 1 <= epoch <= expect["epochs"]:
         raise UserError(f"--resume: {where}: epoch {describe(epoch)} is not one of 1 to {expect['epochs']}{RESUME_FIX}")
     problems = {"labels": _mismatch(state["labels"], torch.zeros(n, dtype=torch.long)),
@@ -100,6 +118,8 @@ def check_resume_state(state, where, expect):
         problems["labels"] = "holds values other than 0 (car), 1 (truck) and 2 (cat)"
     if problems["keep"] is None and not state["keep"].any():
         problems["keep"] = "keeps no image"
+    if problems["labels"] is None and problems["keep"] is None:
+        problems.update(_labels_problems(state["labels"], state["keep"], expect["labels"], config))
     if not isinstance(history, list) or len(history) != epoch:
         problems["history"] = f"is {describe(history)}, expected a list of {epoch} epochs"
     else:
@@ -132,26 +152,32 @@ SCHEDULED = ("lr", "momentum", "betas")  # what a schedule may move in an optimi
 
 
 def scheduled_settings(optimizer, scheduler, steps):
-    """Each param group's lr, momentum and betas after `steps` steps of this run's schedule: the fresh
-    scheduler stepped that far, then optimizer and scheduler put back as they were."""
+    """(each param group's lr, momentum and betas, the scheduler's state) after `steps` steps of this
+    run's schedule: the fresh scheduler stepped that far, then optimizer and scheduler put back."""
     saved = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": nothing trains here
         for _ in range(steps):
             scheduler.step()
     settings = [{k: group[k] for k in SCHEDULED if k in group} for group in optimizer.param_groups]
+    stepped = copy.deepcopy(scheduler.state_dict())
     optimizer.load_state_dict(saved[0])
     scheduler.load_state_dict(saved[1])
-    return settings
+    return settings, stepped
 
 
 def _setting_text(value):
-    return f"({', '.join(map(describe, value))})" if isinstance(value, tuple) else describe(value)
+    if isinstance(value, (tuple, list)):
+        inside = ", ".join(map(describe, value[:4])) + (", ..." if len(value) > 4 else "")
+        return f"({inside})" if isinstance(value, tuple) else f"[{inside}]"
+    return describe(value)
 
 
 def _same_setting(saved, expected):
-    if isinstance(expected, tuple):
+    if isinstance(expected, (tuple, list)):
         return len(saved) == len(expected) and all(map(_same_setting, saved, expected))
+    if isinstance(expected, bool):
+        return saved is expected
     return math.isclose(saved, expected, rel_tol=1e-9, abs_tol=1e-15)
 
 
@@ -177,6 +203,8 @@ def _optimizer_problem(saved, optimizer, steps, scheduled):
             return f"state {describe(index)} is not the state of one of this model's parameters"
         for name, value in entry.items():
             if value is None and name == "momentum_buffer":
+                if steps and any(group["momentum"] for group in optimizer.param_groups):
+                    return f"state {index} has no momentum buffer after {steps} steps with momentum"
                 continue
             like = torch.zeros(()) if expected[name] == "scalar" else torch.zeros_like(params[index], device="cpu")
             problem = _mismatch(value.cpu() if isinstance(value, torch.Tensor) and not value.is_meta else value, like)
@@ -199,7 +227,8 @@ def check_training_state(state, where, model, optimizer, scheduler, steps_per_ep
     if state["average"] is not None:
         check_state_dict(model, state["average"], f"--resume: {where} (average)")
     steps = state["epoch"] * steps_per_epoch
-    problem = _optimizer_problem(state["optimizer"], optimizer, steps, scheduled_settings(optimizer, scheduler, steps))
+    settings, stepped = scheduled_settings(optimizer, scheduler, steps)
+    problem = _optimizer_problem(state["optimizer"], optimizer, steps, settings)
     if problem:
         raise UserError(f"--resume: {where}: optimizer {problem}{RESUME_FIX}")
     fresh, saved = scheduler.state_dict(), state["scheduler"]
@@ -212,6 +241,11 @@ def check_training_state(state, where, model, optimizer, scheduler, steps_per_ep
         if problem is None and (saved["last_epoch"] != state["epoch"] * steps_per_epoch
                                 or saved["_step_count"] != saved["last_epoch"] + 1):
             problem = f"stands at step {describe(saved['last_epoch'])}, not at the end of epoch {state['epoch']}"
+        # Its flags and last rates too: with _is_initial set, a cosine schedule would hold its rate.
+        wrong = next((k for k in sorted(SCHEDULER_PROGRESS) if problem is None
+                      and not _same_setting(saved[k], stepped[k])), None)
+        if wrong:
+            problem = f"{wrong} is {_setting_text(saved[wrong])}, not what this run's schedule has after {steps} steps"
     if problem:
         raise UserError(f"--resume: {where}: scheduler {problem}{RESUME_FIX}")
 
@@ -238,7 +272,7 @@ def data_fingerprint(images, labels):
     return digest.hexdigest()
 
 
-def load_resume(path, args, fingerprint, n_images):
+def load_resume(path, args, fingerprint, given_labels):
     """The resume state at path, every field checked against this run (check_resume_state)."""
     if not Path(path).exists():
         raise UserError(f"--resume: no resume state at {path} (start without --resume)")
@@ -248,7 +282,7 @@ def load_resume(path, args, fingerprint, n_images):
     if args.adversarial != "none" and args.robust_eval:
         entry["robust"] = {"clean": 0.0, "fgsm": 0.0, "pgd": 0.0}
     check_resume_state(state, path, dict(
-        epochs=args.epochs, images=n_images, config={k: getattr(args, k) for k in RUN_KEYS},
+        epochs=args.epochs, labels=given_labels, config={k: getattr(args, k) for k in RUN_KEYS},
         fingerprint=fingerprint, entry=entry, best=args.select == "best-val", ema=bool(args.ema)))
     return state
 
@@ -264,3 +298,18 @@ def restore(state, path, model, optimizer, scheduler, device, steps_per_epoch):
     if average is not None:
         average = {k: v.to(device) for k, v in average.items()}
     return state["history"], state["epoch"] + 1, average, state["best"]
+
+
+def check_kept_checkpoint(best, out, val_x, val_y, device, where):
+    """With --select best-val the checkpoint at out holds the best epoch's weights: scored again on
+    the validation split, it must reach the score the state records, or a raised score would keep
+    an epoch that did not win. It may score higher: a kill between writing an improved checkpoint
+    and the state leaves that epoch's weights there, and the resumed run writes them again. A
+    hundredth is allowed: another device may round differently."""
+    if not Path(out).exists():
+        raise UserError(f"--resume: {where}: best names epoch {best['epoch']}, whose checkpoint {out} is "
+                        f"missing{RESUME_FIX}")
+    score = compute_metrics(val_y, predict(load_model(out, device), val_x, device))["balanced_accuracy"]
+    if score < best["score"] - 0.01:
+        raise UserError(f"--resume: {where}: best says epoch {best['epoch']} scored {best['score']:.4f} on the "
+                        f"validation split, but {out} scores {score:.4f}{RESUME_FIX}")

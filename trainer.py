@@ -45,7 +45,7 @@ from treatments import (
     TREATMENT_DEFAULTS, add_treatment_args, averaged_model, batch_loss, check_treatment_args, ema_decay,
     epoch_sampler, label_log_prior, mix_batch, new_average, update_average, validation_split,
 )
-from resume_state import RUN_KEYS, data_fingerprint, load_resume, restore, resume_path
+from resume_state import RUN_KEYS, check_kept_checkpoint, data_fingerprint, load_resume, restore, resume_path
 from untrusted import read_input_file
 
 # ---------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     state_path = resume_path(args.out)
     fingerprint = data_fingerprint(train_x, train_y)
     # Rank 0 reads (and checks) the resume state and hands it to the others: they need no copy of the file.
-    state = ddp.broadcast(load_resume(state_path, args, fingerprint, len(train_y)) if args.resume and ddp.is_main()
+    state = ddp.broadcast(load_resume(state_path, args, fingerprint, train_y) if args.resume and ddp.is_main()
                           else None)
     if state is not None:
         all_labels, keep = state["labels"], state["keep"]
@@ -348,6 +348,8 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     if state is not None:
         history, first_epoch, average, best = restore(state, state_path, model, optimizer, scheduler, device,
                                                       steps_per_epoch)
+        if best is not None and ddp.is_main():
+            check_kept_checkpoint(best, args.out, val_x, val_y, device, state_path)
         print(f"Resuming {state_path} after epoch {state['epoch']} of {args.epochs}", file=sys.stderr)
     print(run_description(args, labels, len(val_y), device), file=sys.stderr)
     trained = ddp.wrap(model, device)  # DistributedDataParallel under torchrun; model itself otherwise

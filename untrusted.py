@@ -142,15 +142,16 @@ def read_cifar_batch(path):
 # Checkpoints and other torch.save() files
 
 
-def _check_zip(data, path, what):
-    """A zip checkpoint may not expand past its own size, and its checksums must hold; returns
-    (the archive's folder, each entry's size by name).
+def _checked_zip(data, path, what):
+    """The archive torch.load may read: the entries of data, checked, written anew.
 
     torch.save stores entries uncompressed; a compressed entry could inflate without bound
     (a zip bomb), and a CRC mismatch means bytes changed after saving (corruption that would
-    otherwise load as garbage weights). torch's reader takes the folder from the first entry
-    and finds names without regard to case: two entries whose names differ at most in case
-    could let it read another data.pkl than the one checked here.
+    otherwise load as garbage weights). data.pkl passes the restricted unpickler. torch's zip
+    reader is not Python's: it takes the folder from the first entry, finds names without
+    regard to case, and reads the central directory's offsets as written where Python's
+    allows for bytes prepended to the archive, so one file can hold two archives, one for
+    each. torch.load therefore reads a copy made of exactly the entries checked here.
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -177,6 +178,11 @@ def _check_zip(data, path, what):
                                 f"{len(data):,}")
             bad = archive.testzip()
             pickled = archive.read(folder + "data.pkl")
+            copy = io.BytesIO()
+            if bad is None:
+                with zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as rebuilt:
+                    for entry in entries:
+                        rebuilt.writestr(entry.filename, archive.read(entry))
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, UnicodeError, EOFError) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {one_line(e)})") from None
     if bad is not None:
@@ -190,6 +196,7 @@ def _check_zip(data, path, what):
         raise UserError(f"{path}: refused: nested too deeply for a {what}") from None
     except Exception as e:  # a broken pickle fails in many ways; all mean the same
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle: {type(e).__name__})") from None
+    return copy.getvalue()
 
 
 def _torch_load(data, path):
@@ -236,8 +243,7 @@ def plain_mappings(value, path, depth=MAX_NESTING):
 def _load_zip(data, path, what):
     """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only,
     its mappings plain dicts."""
-    _check_zip(data, path, what)
-    return plain_mappings(_torch_load(data, path), path)
+    return plain_mappings(_torch_load(_checked_zip(data, path, what), path), path)
 
 
 def read_torch_file(path, what):

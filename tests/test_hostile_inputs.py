@@ -12,12 +12,14 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -266,6 +268,8 @@ DATA_CASES = {
         b"\x80\x02cdataset\nMyDataset\n)\x81.")),
     "a set of ints": ("builds a set", lambda m: Raw(pickle.dumps([(torch.zeros(3, 32, 32), 0), {1, 2}], protocol=4))),
     "dict keys sharing one hash": ("a dict has the key", lambda m: Raw(same_hash_keys(1000))),
+    "OrderedDict built from a list of items": ("builds an OrderedDict from a list of items", lambda m: [
+        (torch.zeros(3, 32, 32), 0), Call(collections.OrderedDict, [(1, 2)])]),
     "dict key that is a float": ("a dict has the key 0.5", lambda m: [(torch.zeros(3, 32, 32), 0), {0.5: 1}]),
     "items set on a list": ("it sets items of a list", lambda m: Raw(b"\x80\x02]K\x00K\x01s.")),
     "protocol-0 memo slot of 40 digits": ("memo slot", lambda m: Raw(b"(lp" + b"9" * 40 + b"\n.")),
@@ -355,6 +359,40 @@ def shipped_pickle_and_records():
         names = archive.namelist()
         return (archive.read("archive/data.pkl"),
                 [(n.split("/")[-1], archive.read(n)) for n in names if n.startswith("archive/data/")])
+
+
+def two_archives_in_one(evil_pickle):
+    """The shipped checkpoint, and before it a copy whose data.pkl is evil_pickle, laid out so that
+    Python's zipfile (which allows for bytes prepended to an archive) reads the shipped one while a
+    reader that takes the central directory's offset as written (torch's) reads the other."""
+    def local(name, data):
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data),
+                           len(name), 0) + name + data
+
+    def central(entries, offsets):
+        return b"".join(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, zlib.crc32(data),
+                                    len(data), len(data), len(name), 0, 0, 0, 0, 0, offset) + name
+                        for (name, data), offset in zip(entries, offsets))
+
+    def region(entries, base):
+        out, offsets = b"", []
+        for name, data in entries:
+            offsets.append(base + len(out))
+            out += local(name, data)
+        return out, offsets
+
+    with zipfile.ZipFile(PRETRAINED) as archive:
+        benign = [(i.filename.encode(), archive.read(i)) for i in archive.infolist()]
+    evil = [(name, evil_pickle if name.endswith(b"/data.pkl") else data) for name, data in benign]
+    evil_local, evil_offsets = region(evil, 0)
+    evil_local += b"\0" * max(0, sum(len(local(*entry)) for entry in benign) - len(evil_local))
+    evil_cd = central(evil, evil_offsets)
+    benign_base = len(evil_local) + len(evil_cd)
+    benign_local, benign_offsets = region(benign, benign_base)
+    shift = benign_base + len(benign_local) - len(evil_local)  # what zipfile adds to every offset
+    benign_cd = central(benign, [o - shift for o in benign_offsets])
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(benign), len(benign), len(benign_cd), len(evil_local), 0)
+    return evil_local + evil_cd + benign_local + benign_cd + end
 
 
 def with_short_record(key):
@@ -475,6 +513,11 @@ CHECKPOINT_CASES = {
                                    lambda p, m: p.write_bytes(zip_holding(shipped_pickle_and_records()[0]))),
     "zip as written by torch.save, rebuilt": ("ok", lambda p, m: p.write_bytes(zip_holding(
         *shipped_pickle_and_records()))),
+    # torch.load reads a copy of the entries checked, never the file's second archive (a set here).
+    "zip hiding a second archive for torch's reader": ("ok", lambda p, m: p.write_bytes(two_archives_in_one(
+        pickle.dumps({1, 2, 3}, protocol=2)))),
+    "zip OrderedDict built from a list of items": ("builds an OrderedDict from a list of items", lambda p, m: (
+        p.write_bytes(zip_holding(pickle.dumps(Call(collections.OrderedDict, [(1, 2)]), protocol=2))))),
 }
 
 
@@ -1044,6 +1087,13 @@ RESUME_CASES = {
         **o, "param_groups": [{**o["param_groups"][0], "betas": (o["param_groups"][0]["betas"][0], 1.0)}]})),
     "best score as a tensor": ("best is a dict", tamper("best", lambda best: {
         **best, "score": torch.tensor([best["score"]] * 2)})),
+    "best score and its history raised to 1.0": ("best says epoch 1 scored 1.0000 on the validation split, but", None),
+    "labels changed under --fix-labels none": ("labels differ from what --fix-labels none gives", tamper(
+        "labels", lambda labels: (labels + 1) % 3)),
+    "one image dropped under --fix-labels none": ("keep differs from what --fix-labels none gives", tamper(
+        "keep", lambda keep: keep.index_fill(0, torch.tensor([5]), False))),
+    "schedule flagged as not yet stepped": ("scheduler _is_initial is True, not what this run's schedule has",
+                                            tamper("scheduler", set_item("_is_initial", True))),
     "not a dict": ("is not a resume state", None),
 }
 
@@ -1059,9 +1109,13 @@ def test_tampered_resume_state(case, resume_state, tmp_path):
         state = [state["model"]]
     elif case == "missing key":
         del state["scheduler"]
+    elif case == "best score and its history raised to 1.0":
+        state["history"][0]["val"]["balanced_accuracy"] = 1.0
+        state["best"] = {"epoch": 1, "score": 1.0}
     elif change is not None:
         key, edit = change
         state[key] = edit(state[key])
+    shutil.copy(flags[flags.index("--out") + 1], tmp_path / "m.ckpt")  # the best epoch's weights, as kept
     flags = [f if not f.endswith("m.ckpt") else str(tmp_path / "m.ckpt") for f in flags]
     flags = [f if not f.endswith("fig") else str(tmp_path / "fig") for f in flags]
     torch.save(state, tmp_path / "m.resume.pt")
@@ -1101,3 +1155,17 @@ def test_float8_weights_are_refused_by_the_state_dict_check():
     state["fc1.weight"] = state["fc1.weight"].to(torch.float8_e4m3fn)
     with pytest.raises(UserError, match="fc1.weight has dtype torch.float8_e4m3fn, not one a model trains in"):
         check_state_dict(SimpleModel(), state, "m.ckpt")
+
+
+def test_sgd_state_without_its_momentum_buffer_is_refused():
+    from resume_state import _optimizer_problem
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    settings = [{k: g[k] for k in ("lr", "momentum") if k in g} for g in optimizer.param_groups]
+    assert _optimizer_problem(saved, optimizer, 1, settings) is None
+    saved["state"][0]["momentum_buffer"] = None  # momentum would silently restart from zero
+    assert "state 0 has no momentum buffer after 1 steps" in _optimizer_problem(saved, optimizer, 1, settings)

@@ -86,6 +86,7 @@ FORMAT_CASES = {
     "palette.png": (lambda p: solid(BLUE, mode="P").save(p), BLUE, 0),
     "cmyk.jpg": (lambda p: solid((200, 30, 60), mode="CMYK").save(p, quality=95), (200, 30, 60), 6),
     "progressive.jpg": (lambda p: solid((200, 30, 60)).save(p, quality=95, progressive=True), (200, 30, 60), 3),
+    "colour-profile.png": (lambda p: Path(p).write_bytes(png_with_profiles(1)), RED, 0),
     "grey-alpha.png": (lambda p: solid((90, 90, 90), mode="LA").save(p), (90, 90, 90), 0),
     "bilevel.bmp": (lambda p: solid(WHITE, mode="1").save(p), WHITE, 0),
     # 16-bit: the high byte (40000 >> 8 = 156), where a plain convert("L") would clip to 255
@@ -214,6 +215,41 @@ def gif_declaring(width, height):
             + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x4c\x01\x00;")
 
 
+def mpo_with_scans(extra):
+    """A multi-picture JPEG (MPO, as phones write) whose first picture repeats its last scan."""
+    def write(path):
+        buffer = io.BytesIO()
+        solid(RED, size=(64, 64)).save(buffer, "MPO", save_all=True, append_images=[solid(BLUE, size=(16, 16))],
+                                       progressive=True)
+        data = buffer.getvalue()
+        end = data.find(b"\xff\xd9")
+        scan = data[data.rfind(b"\xff\xda", 0, end): end]
+        path.write_bytes(data[:end] + scan * extra + data[end:])
+    return write
+
+
+def rle_bmp(width, height):
+    """A run-length (RLE8) BMP declaring width x height, its data only the end-of-bitmap code."""
+    palette, pixels = b"\0" * 4 * 256, b"\x00\x01"
+    offset = 14 + 40 + len(palette)
+    return (struct.pack("<2sIHHI", b"BM", offset + len(pixels), 0, 0, offset)
+            + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+            + palette + pixels)
+
+
+def png_with_profiles(n):
+    """A small PNG holding n colour profiles (iCCP chunks), each inflating to 1 MB."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    buffer = io.BytesIO()
+    solid(RED).save(buffer, "PNG")
+    data = buffer.getvalue()
+    after_header = 8 + 25  # signature, then IHDR (13 bytes of data and 12 of length, type and CRC)
+    profile = chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * 2**20))
+    return data[:after_header] + profile * n + data[after_header:]
+
+
 def tiff_named_jpg(path):
     solid(RED).save(path, format="TIFF")
 
@@ -245,6 +281,11 @@ BAD_FILES = {
         "big.png", lambda p: p.write_bytes(png_declaring(10_000, 9_000)), "90,000,000 pixels"),
     "GIF bomb": ("bomb.gif", lambda p: p.write_bytes(gif_declaring(65535, 65535)), "decompression bomb"),
     "progressive JPEG repeating a scan 150 times": ("scans.jpg", progressive_jpeg(150), "a JPEG of 160 scans"),
+    "multi-picture JPEG repeating a scan 150 times": ("mpo.jpg", mpo_with_scans(150), "scans (an encoder writes"),
+    "run-length BMP declaring 20 megapixels": ("rle.bmp", lambda p: p.write_bytes(rle_bmp(5000, 4000)),
+                                               "a run-length BMP of 20,000,000 pixels"),
+    "PNG with 50 colour profiles": ("profiles.png", lambda p: p.write_bytes(png_with_profiles(50)),
+                                    "more than one colour profile"),
     "FIFO": ("pipe.jpg", lambda p: os.mkfifo(p), "not a regular file"),
     "symlink loop": ("loop.jpg", lambda p: os.symlink(p.name, p), "Too many levels of symbolic links"),
     "dangling symlink": ("gone.jpg", lambda p: os.symlink("nowhere.jpg", p), "no such photo file"),
