@@ -16,7 +16,8 @@ every run fails.
 Epsilon is on the [0, 1] pixel scale (8/255 is about 0.031; fractions are accepted). The
 model sees images normalized to [-1, 1] as (x - 0.5) / 0.5, so there the step is
 2 * eps * sign(grad), and every distorted image is clamped to [-1, 1]: it is still a real image.
-The attacks themselves are in attacks.py, shared with adversarial training.
+The attacks themselves are in attacks.py, shared with adversarial training; the figures are
+drawn by adversarial_figures.py and the sanity line comes from gradient_masking.py.
 
 Only images the model classifies correctly are attacked. Accuracy is reported as
   attacked set: share of the attacked images still classified correctly (100% at eps 0);
@@ -45,16 +46,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adversarial_figures import plot_accuracy, plot_compare, save_examples
 from attacks import (
     EPS_SCALE, attack_direction, attack_predictions, attack_success, eps_text, fgsm_perturb, pgd_perturb,
     transfer_attack,
 )
 from cli import (
-    ArgumentParser, UserError, atomic_write, check_output_dir, float_in, int_in, pick_device, positive_int, pyplot,
-    run_main, save_figure, save_image, seed_type,
+    ArgumentParser, UserError, atomic_write, check_output_dir, float_in, int_in, pick_device, positive_int, run_main,
+    seed_type,
 )
 from dataset import CLASSES, DEV_PATH, load_labeled_data
-from images import printable_path, to_unit, warn_skipped
+from gradient_masking import sanity_line
+from images import printable_path, warn_skipped
 from metrics import balanced_accuracy
 from models import load_model, model_mode, predict
 
@@ -176,7 +179,7 @@ def print_tables(summary, target=None, titles=None):
 
 
 # ---------------------------------------------------------------------------
-# Figure 5: original + ε × noise = distorted, and accuracy against ε
+# Figure 5: original + ε × noise = distorted (the drawing is in adversarial_figures.py)
 
 
 def choose_examples(true, fooled, count, generator):
@@ -230,181 +233,8 @@ def draw_examples(model, attacks, titles, summary, adv_preds, images, labels, ar
     return save_examples(out / "adversarial", examples, show_eps, label, target)
 
 
-def _rgb(image):
-    return to_unit(image).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-
-
-def _grey(noise):
-    # The noise has a sign per colour channel; their mean shows where all three agree.
-    return noise.mean(0).cpu().numpy()
-
-
-def _caption(probs):
-    p, c = probs.max(0)
-    return f"{CLASSES[int(c)]} {float(p):.0%}"
-
-
-def draw_panel(ax_row, original, noise, distorted, probs, true_name, attack_label, target=None):
-    """Original + eps * Noise = Distorted on three axes, each titled with prediction and confidence.
-
-    Returns whether the attack succeeded: misclassified, or (targeted) classified as target."""
-    (p_orig, p_noise, p_adv) = probs
-    pred = int(p_adv.argmax())
-    fooled = pred != CLASSES.index(true_name) if target is None else pred == target
-    panels = [
-        (_rgb(original), {}, f"original ({true_name})\n{_caption(p_orig)}", "black"),
-        (_grey(noise), dict(cmap="gray", vmin=-1, vmax=1), f"noise ({attack_label})\n{_caption(p_noise)}",
-         "dimgray"),
-        (_rgb(distorted), {}, f"distorted\n{_caption(p_adv)}", "red" if fooled else "green"),
-    ]
-    for ax, (img, kw, title, colour) in zip(ax_row, panels):
-        ax.imshow(img, interpolation="nearest", **kw)
-        ax.set_title(title, fontsize=9, color=colour)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return fooled
-
-
-def save_examples(out_dir, examples, epsilon, attack_label, target=None):
-    """Per example: the three images as 32x32 PNGs and one annotated panel; plus an overview."""
-    plt = pyplot()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A previous run may have drawn more examples; its leftovers would pass for this run's.
-    for stale in [*out_dir.glob("example*_*.png"), out_dir / "overview.png"]:
-        stale.unlink(missing_ok=True)
-    records = []
-    for k, ex in enumerate(examples):
-        stem = out_dir / f"example{k}_{ex['true']}"
-        files = {part: f"{stem}_{part}.png" for part in ("original", "noise", "distorted", "panel")}
-        save_image(_rgb(ex["original"]), files["original"])
-        save_image(_grey(ex["noise"]), files["noise"], cmap="gray", vmin=-1, vmax=1)
-        save_image(_rgb(ex["distorted"]), files["distorted"])
-
-        # Operators get axes of their own between the images, so the panel reads as an equation.
-        fig, axes = plt.subplots(1, 5, figsize=(7.6, 2.9), gridspec_kw={"width_ratios": [1, 0.42, 1, 0.22, 1]})
-        fooled = draw_panel(axes[::2], ex["original"], ex["noise"], ex["distorted"], ex["probs"], ex["true"],
-                            attack_label, target)
-        outcome = ("fooled" if fooled else "resisted") if target is None else \
-            (f"now {CLASSES[target]}" if fooled else f"not {CLASSES[target]}")
-        for ax, text in ((axes[1], f"+ {epsilon:g} ×"), (axes[3], "=")):
-            ax.axis("off")
-            ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=13, transform=ax.transAxes)
-        fig.suptitle(f"{attack_label}, ε = {epsilon:g} (pixel scale): {outcome}",
-                     fontsize=10)
-        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.04, top=0.75, wspace=0.05)
-        save_figure(fig, files["panel"])
-        records.append({
-            "dev_index": ex["dev_index"], "true": ex["true"], "attack_succeeded": fooled,
-            "clean": _caption(ex["probs"][0]), "noise": _caption(ex["probs"][1]),
-            "distorted": _caption(ex["probs"][2]), "files": files,
-        })
-    if examples:
-        fig, axes = plt.subplots(len(examples), 3, figsize=(5.4, 2.1 * len(examples)), squeeze=False)
-        for row, ex in zip(axes, examples):
-            draw_panel(row, ex["original"], ex["noise"], ex["distorted"], ex["probs"], ex["true"], attack_label,
-                       target)
-        fig.suptitle(f"original + {epsilon:g} × noise = distorted ({attack_label})", fontsize=10)
-        fig.tight_layout()
-        save_figure(fig, out_dir / "overview.png")
-    return records
-
-
-STYLES = {"fgsm": ("tab:blue", "o-"), "pgd": ("tab:red", "s-"), "transfer": ("tab:green", "^--"),
-          "worst": ("black", "d-")}
-
-
-def plot_accuracy(summary, path, target=None, titles=None):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, rows in summary["results"].items():
-        eps = [r["epsilon"] for r in rows]
-        label = (titles or {}).get(name, name.upper())
-        colour, style = STYLES.get(name, (None, "o-"))
-        if target is None:
-            ax.plot(eps, [100 * r["accuracy_attacked"] for r in rows], style, color=colour,
-                    label=f"{label}: attacked set")
-            ax.plot(eps, [100 * r["balanced_dev"] for r in rows], style.replace("-", ":"), color=colour,
-                    alpha=0.6, label=f"{label}: dev, balanced")
-        else:
-            ax.plot(eps, [100 * r["accuracy_attacked"] for r in rows], style, color=colour,
-                    label=f"{label}: attacked set")
-            ax.plot(eps, [100 * r["target_success"] for r in rows], "^:", color=colour,
-                    label=f"{label}: classified as {CLASSES[target]}")
-    ax.set_xlabel("ε ([0, 1] pixel scale)")
-    ax.set_ylabel("%")
-    kind = f"targeted → {CLASSES[target]}" if target is not None else "untargeted, worst case over ε' ≤ ε"
-    ax.set_title(f"Accuracy under attack ({kind})\nclean dev accuracy {summary['clean_accuracy']:.1%}, "
-                 f"balanced {summary['clean_balanced_accuracy']:.1%}", fontsize=10)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 # ---------------------------------------------------------------------------
-# Robustness checks: gradient masking, and several models compared
-
-
-LARGE_EPSILON = 0.25  # at this ε (64/255) a working attack leaves almost no image correct
-TOLERANCE = 0.01  # one point: smaller differences are noise of the random starts
-
-
-def masking_checks(summary, titles):
-    """(problems, checks passed) about the attack's gradients, as sentences.
-
-    A masked or obfuscated gradient makes a model look robust because the attack cannot
-    find the way, not because there is none. Signs of it: the iterative attack doing no
-    better than the single step, accuracy that rises with ε (before the sweep's running
-    minimum hides it), accuracy that stays up at an ε where every image should fall, and
-    an attack crafted on another model beating the white-box one.
-    """
-    results, problems, passed = summary["results"], [], []
-    eps = [r["epsilon"] for r in results["fgsm"]]
-    if "pgd" in results:
-        weaker = [e for e, f, p in zip(eps, results["fgsm"], results["pgd"])
-                  if p["accuracy_attacked_this_epsilon"] > f["accuracy_attacked_this_epsilon"] + TOLERANCE]
-        if weaker:
-            problems.append(f"{titles['pgd']} is weaker than FGSM at ε = {', '.join(map(eps_text, weaker))}")
-        else:
-            passed.append(f"{titles['pgd']} at least as strong as FGSM at every ε")
-    for name in (n for n in ("fgsm", "pgd") if n in results):
-        raw = [r["accuracy_attacked_this_epsilon"] for r in results[name]]
-        rises = [(eps[i], eps[i + 1]) for i in range(len(raw) - 1) if raw[i + 1] > raw[i] + TOLERANCE]
-        if rises:
-            a, b = rises[0]
-            problems.append(f"{titles[name]} leaves more images correct at ε = {eps_text(b)} than at ε = {eps_text(a)}")
-    # The model's own gradients must break (almost) every image at a large ε: the transfer
-    # attack does not count here, it is the check below.
-    large = [i for i, e in enumerate(eps) if e >= LARGE_EPSILON]
-    if large:
-        i = large[-1]
-        left = min(results[n][i]["accuracy_attacked"] for n in ("fgsm", "pgd") if n in results)
-        if left > 0.10:
-            problems.append(f"{left:.1%} of the attacked images survive ε = {eps_text(eps[i])}, where a "
-                            "working attack leaves almost none")
-        else:
-            passed.append(f"{left:.1%} left at ε = {eps_text(eps[i])}")
-    else:
-        passed.append(f"(no ε ≥ {LARGE_EPSILON:g} in the sweep, so the large-ε check did not run)")
-    if "transfer" in results:
-        white = [min(results[n][i]["accuracy_attacked_this_epsilon"] for n in ("fgsm", "pgd") if n in results)
-                 for i in range(len(eps))]
-        beaten = [e for e, w, t in zip(eps, white, results["transfer"])
-                  if t["accuracy_attacked_this_epsilon"] < w - TOLERANCE]
-        if beaten:
-            problems.append("the transfer attack beats the white-box attack at ε = " + ", ".join(map(eps_text, beaten)))
-        else:
-            passed.append("the transfer attack is no stronger than the white-box attack")
-    return problems, passed
-
-
-def sanity_line(summary, titles):
-    problems, passed = masking_checks(summary, titles)
-    if problems:
-        return "sanity: WARNING, possible gradient masking (do not trust these robust numbers): " + "; ".join(problems)
-    return "sanity: no sign of gradient masking: " + "; ".join(passed)
+# Several models compared (the gradient-masking checks are in gradient_masking.py)
 
 
 def print_compare(summaries, titles):
@@ -419,27 +249,6 @@ def print_compare(summaries, titles):
         eps = summaries[columns[0][0]]["results"][names[0]][i]["epsilon"]
         cells = (f"{summaries[m]['results'][n][i]['balanced_dev']:>{len(h)}.1%}" for (m, n), h in zip(columns, heads))
         print(f"{eps_text(eps):>9}" + "".join(f" | {c}" for c in cells))
-
-
-def plot_compare(summaries, path, titles):
-    """One figure: balanced dev accuracy under each attack against ε, a colour per checkpoint."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    marks = {"fgsm": "o:", "pgd": "s--", "transfer": "^-.", "worst": "d-"}
-    for k, (model_name, summary) in enumerate(summaries.items()):
-        for name, rows in summary["results"].items():
-            ax.plot([r["epsilon"] for r in rows], [100 * r["balanced_dev"] for r in rows], marks.get(name, "o-"),
-                    color=colours[k % len(colours)], label=f"{model_name}: {titles.get(name, name)}",
-                    lw=2 if name == "worst" else 1.2)
-    ax.set_xlabel("ε ([0, 1] pixel scale)")
-    ax.set_ylabel("balanced accuracy on dev under attack (%)")
-    ax.set_title("Robustness compared (worst case over ε' ≤ ε; ε = 0 is clean accuracy)", fontsize=10)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 def compare(args, device, images, labels, out):

@@ -29,4 +29,5 @@ def test_no_module_imports_a_script(module):
 def test_the_shared_modules_are_there():
     # What the scripts share lives in modules named for what they hold.
     assert {"cli", "dataset", "models", "metrics", "attacks", "images", "untrusted", "restricted_pickle",
-            "resume_state", "treatments", "label_repair", "lr_sweep", "explain"} <= set(MODULES)
+            "resume_state", "treatments", "label_repair", "lr_sweep", "explain", "gradient_masking",
+            "adversarial_figures"} <= set(MODULES)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adversarialExample as adv
+import gradient_masking
 import attacks
 import trainer
 from conftest import run_script
@@ -226,13 +227,13 @@ def test_sanity_check_fires_on_a_masked_model_and_not_on_a_plain_one(briefly_tra
     chosen = {"fgsm": attacks.fgsm_perturb, "pgd": pgd()}
     eps = [0, 2 / 255, 8 / 255, 0.3]
     plain, _ = adv.evaluate(model, chosen, x, y, eps, 250, "cpu", progress=False)
-    assert adv.masking_checks(plain, titles)[0] == [], adv.sanity_line(plain, titles)
+    assert gradient_masking.masking_checks(plain, titles)[0] == [], gradient_masking.sanity_line(plain, titles)
 
     masked = Rounds(model).eval()
     chosen["transfer"] = (attacks.transfer_attack(model, pgd()[0]), 1)
     summary, _ = adv.evaluate(masked, chosen, x, y, eps, 250, "cpu", progress=False)
-    problems, _ = adv.masking_checks(summary, titles)
-    line = adv.sanity_line(summary, titles)
+    problems, _ = gradient_masking.masking_checks(summary, titles)
+    line = gradient_masking.sanity_line(summary, titles)
     assert line.startswith("sanity: WARNING")
     assert any("survive ε = 0.3" in p for p in problems), problems
     assert any("transfer attack beats" in p for p in problems), problems
