@@ -15,7 +15,6 @@ Every data pickle, checkpoint, resume state and image file crosses this boundary
 What a file means (the course's list of (image, label), a resume state) is checked by the
 module named for it (dataset.py, resume_state.py); this one guarantees that reading it is safe.
 """
-import collections
 import io
 import os
 import pickle
@@ -222,28 +221,9 @@ def _torch_load(data, path):
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({one_line(e)})") from None
 
 
-MAX_NESTING = 32  # a checkpoint nests 2 deep, a resume state 5; a file may nest millions
-
-
-def plain_mappings(value, path, depth=MAX_NESTING):
-    """value from a torch.save() file with each dict and OrderedDict in it a plain dict of its items.
-
-    Loading may set an OrderedDict's attributes (a state_dict's _metadata, by torch's own loader
-    any other), and one named items or get would take the place of the method for every caller.
-    """
-    if depth < 0:
-        raise UserError(f"{path}: refused: nested more than {MAX_NESTING} levels deep; a checkpoint never is")
-    if type(value) in (dict, collections.OrderedDict):
-        return {k: plain_mappings(v, path, depth - 1) for k, v in dict.items(value)}
-    if type(value) in (list, tuple):
-        return type(value)(plain_mappings(v, path, depth - 1) for v in value)
-    return value
-
-
 def _load_zip(data, path, what):
-    """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only,
-    its mappings plain dicts."""
-    return plain_mappings(_torch_load(_checked_zip(data, path, what), path), path)
+    """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only."""
+    return _torch_load(_checked_zip(data, path, what), path)
 
 
 def read_torch_file(path, what):
@@ -273,7 +253,6 @@ def read_checkpoint(path, architectures):
             raise UserError(f"{path}: refused: {e}") from None
         except Exception as e:  # broken bytes fail inside unpickling in many ways
             raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
-        ckpt = plain_mappings(ckpt, path)
     if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
         state, arch = ckpt["model_state_dict"], ckpt.get("arch")
     else:
