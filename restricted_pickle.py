@@ -286,6 +286,27 @@ def checkpoint_globals(budget):
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter}
 
 
+def _declared_storage(saved_id, length):
+    """(storage type, key, element count) of a storage's persistent id: ('storage', type, key,
+    location, count), plus a view in the legacy format. The location is ignored: data always
+    lands on the CPU."""
+    if not (isinstance(saved_id, tuple) and len(saved_id) == length and saved_id[0] == "storage"):
+        raise UnsafeFile(f"unknown persistent object {describe(saved_id)}")
+    kind, key, numel = saved_id[1], saved_id[2], saved_id[4]
+    if not isinstance(kind, _StorageType) or not isinstance(key, str) or not layout_number(numel):
+        raise UnsafeFile("a storage has an invalid declaration")
+    if length == 6 and saved_id[5] is not None:
+        raise UnsafeFile("storage views are not supported")
+    return kind, key, numel
+
+
+def _same_storage(storage, kind, numel, key):
+    """A storage declared again (tensors sharing it): only as it was declared first."""
+    if storage.tensor.dtype != kind.dtype or storage.tensor.numel() != numel:
+        raise UnsafeFile(f"storage {clip(key)} is declared twice, differently")
+    return storage
+
+
 def read_legacy_torch(data, allowed, what):
     """The object in torch's legacy (non-zip) serialization format, read within bounds.
 
@@ -325,18 +346,9 @@ def read_legacy_torch(data, allowed, what):
 
     def persistent_load(saved_id):
         nonlocal claimed
-        if not (isinstance(saved_id, tuple) and len(saved_id) == 6 and saved_id[0] == "storage"):
-            raise UnsafeFile(f"unknown persistent object {describe(saved_id)}")
-        _, kind, key, _location, numel, view = saved_id  # location is ignored: data always lands on the CPU
-        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not layout_number(numel):
-            raise UnsafeFile("a storage has an invalid declaration")
-        if view is not None:
-            raise UnsafeFile("storage views are not supported")
+        kind, key, numel = _declared_storage(saved_id, 6)
         if key in storages:
-            known = storages[key].tensor
-            if known.dtype != kind.dtype or known.numel() != numel:
-                raise UnsafeFile(f"storage {key} is declared twice, differently")
-            return storages[key]
+            return _same_storage(storages[key], kind, numel, key)
         nbytes = numel * kind.dtype.itemsize
         claimed += nbytes
         if claimed > len(data):
@@ -395,19 +407,15 @@ def check_zip_pickle(pickled, record_size, what, size):
     storages = {}
 
     def persistent_load(saved_id):
-        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
-            raise UnsafeFile(f"unknown persistent object {describe(saved_id)}")
-        _, kind, key, _location, numel = saved_id  # location is ignored: data always lands on the CPU
-        if not isinstance(kind, _StorageType) or not isinstance(key, str) or not layout_number(numel):
-            raise UnsafeFile("a storage has an invalid declaration")
+        kind, key, numel = _declared_storage(saved_id, 5)
+        if key in storages:
+            return _same_storage(storages[key], kind, numel, key)
         nbytes = record_size(key)
         if nbytes != numel * kind.dtype.itemsize:
             raise UnsafeFile(f"storage {clip(key)} declares {numel:,} {kind.dtype} elements but its record holds "
                              f"{'no' if nbytes is None else f'{nbytes:,}'} bytes")
-        storage = storages.setdefault(key, _Storage(torch.empty(numel, dtype=kind.dtype, device="meta")))
-        if storage.tensor.dtype != kind.dtype:
-            raise UnsafeFile(f"storage {clip(key)} is declared twice, differently")
-        return storage
+        storages[key] = _Storage(torch.empty(numel, dtype=kind.dtype, device="meta"))
+        return storages[key]
 
     allowed = {**checkpoint_globals(budget), **{("torch", n): t for n, t in _STORAGE_TYPES.items()},
                ("_codecs", "encode"): _latin1_encode(budget)}
