@@ -175,17 +175,19 @@ def _checked_zip(data, path, what):
             if total > len(data):
                 raise UserError(f"{path}: refused: its entries claim {total:,} bytes but the file holds "
                                 f"{len(data):,}")
-            bad = archive.testzip()
-            pickled = archive.read(folder + "data.pkl")
             copy = io.BytesIO()
-            if bad is None:
-                with zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as rebuilt:
-                    for entry in entries:
-                        rebuilt.writestr(entry.filename, archive.read(entry))
+            with zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as rebuilt:
+                for entry in entries:  # each read once; reading checks its checksum
+                    try:
+                        content = archive.read(entry)
+                    except zipfile.BadZipFile:
+                        raise UserError(f"{path}: corrupted: the checksum of {entry.filename} does not match its "
+                                        "data") from None
+                    rebuilt.writestr(entry.filename, content)
+                    if entry.filename == folder + "data.pkl":
+                        pickled = content
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, UnicodeError, EOFError) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {one_line(e)})") from None
-    if bad is not None:
-        raise UserError(f"{path}: corrupted: the checksum of {bad} does not match its data")
     sizes = {e.filename: e.file_size for e in entries}
     try:
         check_zip_pickle(pickled, lambda key: sizes.get(f"{folder}data/{key}"), what, len(data))
