@@ -98,27 +98,33 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
-    def _items_target(self, target, keys):
-        if type(target) not in (dict, collections.OrderedDict):
-            raise UnsafeFile(f"it sets items of {describe(target)}, which a {self.what} never does")
+    def _check_keys(self, keys):
         for key in keys:
             if not safe_key(key):
                 raise UnsafeFile(f"a dict has the key {describe(key)}; a {self.what} uses names and small numbers")
 
+    def _dict_to_fill(self):
+        target = self.stack[-1]
+        if type(target) not in (dict, collections.OrderedDict):
+            raise UnsafeFile(f"it sets items of {describe(target)}, which a {self.what} never does")
+        return target
+
     def load_setitem(self):
-        self._items_target(self.stack[-3], [self.stack[-2]])
-        super().load_setitem()
+        key, value = self.stack[-2:]
+        del self.stack[-2:]
+        self._check_keys([key])
+        self._dict_to_fill()[key] = value
 
     def load_setitems(self):
         items = self.pop_mark()
-        self._items_target(self.stack[-1], items[::2])
-        target = self.stack[-1]
+        target = self._dict_to_fill()
+        self._check_keys(items[::2])
         for key, value in zip(items[::2], items[1::2], strict=True):
             target[key] = value
 
     def load_dict(self):
         items = self.pop_mark()
-        self._items_target({}, items[::2])
+        self._check_keys(items[::2])
         self.append(dict(zip(items[::2], items[1::2], strict=True)))
 
     def load_put(self):  # protocol 0's memo slot is a decimal number of any size
