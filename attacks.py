@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import float_in, int_in
+from devices import rand
 from images import from_unit
 from models import model_mode, predict
 
@@ -76,8 +77,8 @@ def pgd_perturb(model, images, labels, epsilon, steps=10, step_size=None, random
     """PGD on normalized images [N, 3, 32, 32]: `steps` signed-gradient steps of step_size (default
     eps/4; pixel scale), each projected back onto the eps-ball around the images and into [-1, 1].
 
-    random_start begins at a uniform random point of the ball (drawn from generator, a CPU
-    torch.Generator). target (a class id or [N] tensor) makes the attack targeted: it walks
+    random_start begins at a uniform random point of the ball (drawn from generator, a torch.Generator
+    on the CPU or on the images' device; None: torch's global one). target (a class id or [N] tensor) makes the attack targeted: it walks
     down the loss of the target instead of up the loss of the labels. train_mode=False
     attacks the model in eval mode (dropout off), the way it is scored; adversarial training
     passes True, keeping dropout and batch-norm statistics live as Wong et al. and Madry et
@@ -90,7 +91,7 @@ def pgd_perturb(model, images, labels, epsilon, steps=10, step_size=None, random
     if radius == 0:  # the eps-ball is a point: nothing to search
         return x.clone()
     if random_start:
-        delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * radius).to(x.device)
+        delta = (rand(x.shape, generator, x.device) * 2 - 1) * radius
         delta = (x + delta).clamp(-1, 1) - x
     else:
         delta = torch.zeros_like(x)

@@ -284,30 +284,65 @@ def _os_error_in(error):
     return None
 
 
+def _lock(f, wait):
+    """Lock the open file f exclusively; OSError when wait is False and another process holds it."""
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+
+
+@contextlib.contextmanager
+def file_lock(lock_path, wait, busy):
+    """Hold an exclusive lock on the file lock_path for the duration, and remove the file after.
+
+    wait: block until the holder lets go; else raise OSError at once if it is held (busy(),
+    a UserError, says so). The OS drops the lock when its process dies, so a killed run never
+    leaves a held lock, only (after kill -9) an empty file that the next run takes and removes.
+    The holder unlinks the file before it lets go; a process that opened it meanwhile then
+    holds a lock on a file no longer there, sees that, and locks the path again, so two
+    processes never both hold the lock.
+    """
+    lock_path = Path(lock_path)
+    while True:
+        f = open(lock_path, "a+b")
+        try:
+            _lock(f, wait)
+        except OSError:
+            f.close()
+            raise busy() from None
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        f.close()
+
+
 @contextlib.contextmanager
 def exclusive_lock(path, flag):
-    """Hold an exclusive lock on path + '.lock' for the duration: a second run writing the same
-    output stops with one line instead of racing the first. The OS drops the lock when the
-    process dies, so a killed run never leaves a stale lock behind."""
+    """Hold an exclusive lock on path + '.lock' while writing path: a second run writing the same
+    output stops with one line instead of racing the first. Nothing is left behind."""
     lock_path = Path(f"{path}.lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+b")
+        lock_path.touch()  # an unwritable folder is one line here, not an OSError inside the lock
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot create the lock file {lock_path} ({e.strerror})") from None
-    with f:
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"{flag} {path}: another run is writing it (lock {lock_path} is held); wait for it "
-                            "to finish or choose another output") from None
+    busy = lambda: UserError(f"{flag} {path}: another run is writing it (lock {lock_path} is held); wait for it "  # noqa: E731
+                             "to finish or choose another output")
+    with file_lock(lock_path, wait=False, busy=busy):
         yield
 
 

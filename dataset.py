@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cli import (ArgumentParser, UserError, atomic_write, check_output_dir, describe, int_in, pyplot, run_main,
-                 save_figure, seed_type, whole)
+from cli import (ArgumentParser, UserError, atomic_write, check_output_dir, describe, file_lock, int_in, pyplot,
+                 run_main, save_figure, seed_type, whole)
 from images import (
     IMAGE_EXTENSIONS, from_unit, image_pixels, list_folder, load_image_folder, to_unit,
 )
@@ -418,7 +418,12 @@ def cifar_source(cifar_dir=None):
 
 
 def ensure_data(*paths, cifar_dir=None):
-    """Build the default data when a default data path is missing; other missing paths are errors."""
+    """Build the default data when a default data path is missing; other missing paths are errors.
+
+    The build holds a lock in the data folder: of several processes that need the data at once
+    (torchrun's, on one machine or on several sharing a file system), one builds and the others
+    wait for it, then find the files there.
+    """
     missing = [Path(p) for p in paths if not Path(p).exists()]
     if not missing:
         return
@@ -426,13 +431,17 @@ def ensure_data(*paths, cifar_dir=None):
     custom = [p for p in missing if p not in defaults]
     if custom:
         raise UserError(f"{custom[0]}: no such data file")
-    source = cifar_source(cifar_dir)
-    print(
-        f"{missing[0]} not found: building the default data from CIFAR-10 "
-        f"({source or 'download'}) into {Path(TRAIN_PATH).parent}/",
-        file=sys.stderr,
-    )
-    build_from_cifar(source, out_dir=Path(TRAIN_PATH).parent)
+    out_dir = check_output_dir(Path(TRAIN_PATH).parent, "data folder")
+    lock = out_dir / ".build.lock"
+    busy = lambda: UserError(f"{lock}: cannot lock the data folder to build the data in it")  # noqa: E731
+    with file_lock(lock, wait=True, busy=busy):
+        missing = [p for p in missing if not p.exists()]  # built meanwhile by the process that held the lock
+        if not missing:
+            return
+        source = cifar_source(cifar_dir)
+        print(f"{missing[0]} not found: building the default data from CIFAR-10 ({source or 'download'}) into "
+              f"{out_dir}/", file=sys.stderr)
+        build_from_cifar(source, out_dir=out_dir)
 
 
 def class_counts(labels):

@@ -13,9 +13,11 @@ the ranks and gathers their probabilities in fold order (spread). Rank 0 is the 
 and the only voice: the other ranks print nothing (run_main).
 """
 import contextlib
+import datetime
 import json
 import os
 import re
+import socket
 import signal
 import sys
 import time
@@ -50,6 +52,13 @@ def is_main():
     return rank() == 0
 
 
+# How long a process waits for the others in a collective (an all-reduce, a barrier) or to join
+# the group. nccl's own default is 10 minutes; here a process may wait for another machine's
+# first process to download and build the data (minutes), or for another process's label-repair
+# fold model when the folds do not divide evenly (docs/distributed.md).
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def setup(device_name):
     """This process's torch device; under torchrun also the process group (nccl for CUDA, gloo for the CPU).
 
@@ -73,7 +82,8 @@ def setup(device_name):
     elif device.type != "cpu":
         raise UserError(f"--device {device_name}: torchrun runs on CUDA devices (nccl) or on the CPU (gloo); "
                         f"on {device.type} train with one process: python trainer.py")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=GROUP_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
     return device
 
 
@@ -122,21 +132,23 @@ def shard(batch, rank, world):
     return share, len(share) * world / len(batch)
 
 
-def mean(value, world):
-    """The mean over the ranks of a scalar tensor, as a float (world 1: value.item()).
+def step_means(values, world):
+    """The mean over the ranks of each element of a 1-D tensor, as a list of floats, in one read
+    (world 1: values.tolist()) and one all-reduce.
 
-    Of the weighted losses of shard() it is the whole batch's mean loss; every rank gets the
-    same number, so all of them see a loss that stops being finite at the same step.
+    Of the weighted losses of shard(), one per step, it gives each step's whole-batch mean loss;
+    every rank gets the same numbers, so all of them see a loss that stops being finite at the
+    same step.
     """
     if world == 1:
-        return value.item()
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value.item() / world
+        return values.tolist()
+    values = values.detach().clone()
+    dist.all_reduce(values)
+    return [value / world for value in values.tolist()]
 
 
 # ---------------------------------------------------------------------------
-# Sharing results: fold models dealt out, rank 0's objects, files built once per machine
+# Sharing results: fold models dealt out, rank 0's objects, the same data everywhere
 
 
 def spread(function, items):
@@ -160,14 +172,19 @@ def broadcast(obj):
     return box[0]
 
 
-@contextlib.contextmanager
-def local_main_first():
-    """The block runs on each machine's first process, then on its others: it builds what they read."""
-    if local_rank() > 0:
-        dist.barrier()
-    yield
-    if size() > 1 and local_rank() == 0:
-        dist.barrier()
+def check_same(value, what, advice):
+    """Stop every process with one line unless all of them hold the same value (a fingerprint of
+    their data, say): nodes that read different files would train on a mix of them, silently."""
+    if size() == 1:
+        return
+    parts = [None] * size()
+    dist.all_gather_object(parts, (value, socket.gethostname()))
+    odd = [(r, host) for r, (v, host) in enumerate(parts) if v != parts[0][0]]
+    if odd:
+        r, host = odd[0]
+        others = f" and {len(odd) - 1} more" if len(odd) > 1 else ""
+        raise UserError(f"{what} differs between processes: process {r} (on {host}){others} read other data than "
+                        f"process 0 (on {parts[0][1]}); {advice}")
 
 
 # ---------------------------------------------------------------------------

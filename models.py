@@ -80,6 +80,19 @@ class SimpleModel(Checkpointed):
         return self.fc3(x)
 
 
+def global_max_pool(x):
+    """[N, C, H, W] -> [N, C]: each channel's largest value.
+
+    adaptive_max_pool2d has no deterministic backward on CUDA, so under deterministic mode
+    (trainer.py --deterministic) the max is taken with amax, whose backward has one. The values
+    are the same; only where a channel's largest value occurs twice do the two differ: amax
+    shares the gradient between the tied places, the pooling gives it to one.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        return x.amax((2, 3))
+    return torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
+
+
 def _conv_bn(c_in, c_out):
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -114,7 +127,7 @@ class ResNet8(Checkpointed):
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
-        return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
+        return self.head(global_max_pool(x))
 
 
 class _FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -190,7 +203,7 @@ class WhitenedCNN(Checkpointed):
     def forward(self, x):
         x = F.gelu(self.whiten(x))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1)) / 9
+        return self.head(global_max_pool(x)) / 9
 
 
 ARCHITECTURES = {cls.arch: cls for cls in (SimpleModel, ResNet8, WhitenedCNN)}
@@ -272,7 +285,7 @@ def predict(model, images, device="cpu", batch_size=1000, flip=False, probabilit
     labels, probs = [], []
     with model_mode(model, training=False):
         for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(device, non_blocking=True)
+            x = images[start : start + batch_size].to(device)
             logits = model(x)
             p = logits.softmax(1)
             if flip:

@@ -100,7 +100,7 @@ def check_resume_state(state, where, expect):
               "average", "best"}
     if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["config"], dict):
         raise UserError(f"--resume: {where} is not a resume state of this trainer.py{RESUME_FIX}")
-    config = state["config"]
+    config = {**LATER_RUN_KEYS, **state["config"]}
     changed = [k for k, v in expect["config"].items() if type(config.get(k)) is not type(v) or config.get(k) != v]
     if changed:
         raise UserError(f"--resume: {where} belongs to a run with other settings ({', '.join(changed)}); "
@@ -149,6 +149,10 @@ def check_resume_state(state, where, expect):
 
 
 SCHEDULED = ("lr", "momentum", "betas")  # what a schedule may move in an optimizer's param_groups
+# How an optimizer computes its step, not what it computes: torch chooses them per device (fused
+# kernels on the CPU and CUDA, not on MPS) and adds new ones over releases. A state saved on one
+# device resumes on another; this run's own choices are kept (implementation_as_this_run).
+IMPLEMENTATION_FLAGS = {"foreach", "fused", "capturable", "differentiable"}
 
 
 def scheduled_settings(optimizer, scheduler, steps):
@@ -185,10 +189,17 @@ def _optimizer_problem(saved, optimizer, steps, scheduled):
     fresh = optimizer.state_dict()
     if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
         return f"is {describe(saved)}, not an optimizer's state"
-    problem = _mismatch(saved["param_groups"], fresh["param_groups"])
+    # Only what changes the arithmetic of training is compared: every setting of this torch's optimizer
+    # but its implementation flags. A flag this torch does not know is an implementation flag too.
+    arithmetic = [{k: v for k, v in group.items() if k not in IMPLEMENTATION_FLAGS} for group in fresh["param_groups"]]
+    groups = saved["param_groups"]
+    if isinstance(groups, list) and all(isinstance(group, dict) for group in groups):
+        groups = [{k: group[k] for k in fresh_group if k in group} for group, fresh_group in zip(groups, arithmetic)] \
+            + groups[len(arithmetic):]
+    problem = _mismatch(groups, arithmetic)
     if problem:
         return f"param_groups {problem}"
-    for group, fresh_group, expected in zip(saved["param_groups"], fresh["param_groups"], scheduled):
+    for group, fresh_group, expected in zip(groups, arithmetic, scheduled):
         if any(group[k] != v for k, v in fresh_group.items() if k not in SCHEDULED):
             return "param_groups hold other settings than this run's"
         # A learning rate of 1000 or a beta2 of 0 would train on silently, or diverge with the wrong advice.
@@ -262,7 +273,10 @@ def resume_path(out):
 RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "label_smoothing",
             "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
             "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval",
-            "arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model")
+            "arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model",
+            "amp")
+# Settings added to RUN_KEYS after resume states were first written, with the value those states ran with.
+LATER_RUN_KEYS = {"amp": False}
 
 
 def data_fingerprint(images, labels):
@@ -287,12 +301,23 @@ def load_resume(path, args, fingerprint, given_labels):
     return state
 
 
+def implementation_as_this_run(saved, optimizer):
+    """A checked optimizer state with this run's implementation flags (fused, foreach, ...) in its
+    param_groups instead of the saved ones, and none this torch does not know: an MPS run's state
+    resumes fused on CUDA, and torch places the step counts where its fused kernel needs them."""
+    groups = []
+    for group, fresh in zip(saved["param_groups"], optimizer.state_dict()["param_groups"]):
+        kept = {k: v for k, v in group.items() if k not in IMPLEMENTATION_FLAGS and k in fresh}
+        groups.append({**kept, **{k: fresh[k] for k in IMPLEMENTATION_FLAGS if k in fresh}})
+    return {"state": saved["state"], "param_groups": groups}
+
+
 def restore(state, path, model, optimizer, scheduler, device, steps_per_epoch):
     """Load a checked resume state into the fresh model, optimizer and scheduler; return (history,
     first epoch, average, best)."""
     check_training_state(state, path, model, optimizer, scheduler, steps_per_epoch)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(implementation_as_this_run(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     average = state["average"]
     if average is not None:

@@ -22,18 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 from tqdm import tqdm
 
 import ddp
+import devices
 from attacks import (
     add_adversarial_args, adversarial_batch, catastrophic_overfitting, overfitting_warning, robust_accuracy,
     training_step_size,
 )
 from cli import (
     ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, describe,
-    exclusive_lock, float_in, int_in, note_once, pyplot, save_figure, seed_type,
+    exclusive_lock, float_in, int_in, pyplot, save_figure, seed_type,
 )
 from dataset import CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, class_counts, ensure_data, load_pickle
 from images import to_unit
@@ -110,8 +110,8 @@ def augment_batch(images, generator, max_degrees=10.0, max_shift=0.1, jitter=0.2
 
     n, device = len(images), images.device
 
-    def uniform(low, high, *shape):
-        return (torch.rand(n, *shape, generator=generator) * (high - low) + low).to(device)
+    def uniform(low, high, *shape):  # drawn where generator lives: on the device, or on the CPU and copied
+        return devices.rand((n, *shape), generator, device) * (high - low) + low
 
     flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
     angle = uniform(-max_degrees, max_degrees) * (math.pi / 180)
@@ -124,10 +124,7 @@ def augment_batch(images, generator, max_degrees=10.0, max_shift=0.1, jitter=0.2
     xs = ((torch.arange(w, device=device) * 2 + 1) / w - 1)[None, None, :]
     grid = torch.stack([cos * flip * xs - sin * ys + dx, sin * flip * xs + cos * ys + dy], -1)
     # Reflection padding fills the rotated corners with image content instead of a grey frame.
-    if device.type == "mps":  # MPS has no reflection-padded grid_sample: this one call runs on the CPU there
-        note_once("MPS lacks grid_sample with reflection padding; augmentation warps its images on the CPU")
-        images, grid = images.cpu(), grid.cpu()
-    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(device)
+    x = devices.warp(images, grid)
 
     # Colour jitter as in torchvision's ColorJitter (brightness, contrast, saturation), on
     # [0, 1] pixels. Grey is linear in the pixels, so one grey image serves all three steps.
@@ -204,9 +201,16 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
     """One pass of len(labels) sampled, augmented images; returns the loss of every step
     (appended to `losses` when given, so a caller keeps them if the epoch fails).
 
-    sampler overrides args.sampler (deferred re-balancing); average, when given, is updated
-    after every step (--ema). Every random draw comes from generator (and dropout's from the
-    global generator seeded with it). Raises FloatingPointError when the loss stops being finite.
+    images and labels are best already on device (train and fit put them there once); any
+    others are copied there first. sampler overrides args.sampler (deferred re-balancing);
+    average, when given, is updated after every step (--ema). Every random draw comes from
+    generator, a CPU generator (and dropout's from the global generator seeded with it); the
+    draws made every step come from a generator on the device seeded from it (devices.draws_on).
+    Raises FloatingPointError when the loss stops being finite.
+
+    The losses are read once per chunk of about 1,024 images, not once per step: reading a
+    loss makes the host wait for the device to finish the step, and the next step could not
+    be queued meanwhile. A non-finite loss is therefore noticed at the end of its chunk.
 
     A model in DistributedDataParallel (ddp.wrap) trains on this rank's share of every batch
     of the same order; the other ranks' augmentation, mixing and dropout draw from generators
@@ -215,38 +219,42 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
     model.train()
     raw_model = ddp.unwrap(model)
     rank, world = ddp.place(model)
-    order = epoch_indices(labels, sampler or args.sampler, generator)
+    images, labels = images.to(device), labels.to(device)
+    order = epoch_indices(labels.cpu(), sampler or args.sampler, generator)
     generator = rank_generator(generator, rank)
-    log_prior = None if args.loss == "ce" else label_log_prior(labels)
+    draws = devices.draws_on(device, generator)
+    log_prior = None if args.loss == "ce" else label_log_prior(labels.cpu()).to(device)
     if max_steps is not None:
         order = order[: max_steps * args.batch_size]
+    order = order.to(device)
     losses = [] if losses is None else losses
     # Augment about 1,024 images at a time (whole batches): one big grid_sample beats many small ones.
     chunk = args.batch_size * max(1, 1024 // args.batch_size)
     for start in range(0, len(order), chunk):
         shares = [ddp.shard(batch, rank, world) for batch in order[start : start + chunk].split(args.batch_size)]
         idx = torch.cat([share for share, _ in shares])
-        x_chunk = images[idx].to(device, non_blocking=True)
-        y_chunk = labels[idx].to(device, non_blocking=True)
+        x_chunk, y_chunk = images[idx], labels[idx]
         if args.augment:
-            x_chunk = augment_batch(x_chunk, generator)
-        b = 0
+            x_chunk = augment_batch(x_chunk, draws)
+        b, chunk_losses = 0, []
         for share, weight in shares:
             x, y = x_chunk[b : b + len(share)], y_chunk[b : b + len(share)]
             b += len(share)
-            # The options, each a no-op by default: attack first, so mixing then mixes attacked images.
-            # The attack differentiates the raw module: its backward passes must not start DDP's all-reduce.
-            x = adversarial_batch(raw_model, x, y, args.adversarial, args.adv_epsilon, args.adv_steps,
-                                  args.adv_step_size, generator)
-            x, y, y_partner, lam = mix_batch(x, y, args.mix, args.mix_alpha, generator)
-            loss = batch_loss(model(x), y, y_partner, lam, args, log_prior) * weight
+            with devices.autocast(device, args.amp):
+                # The options, each a no-op by default: attack first, so mixing then mixes attacked images.
+                # The attack differentiates the raw module: its backward passes must not start DDP's all-reduce.
+                x = adversarial_batch(raw_model, x, y, args.adversarial, args.adv_epsilon, args.adv_steps,
+                                      args.adv_step_size, draws)
+                x, y, y_partner, lam = mix_batch(x, y, args.mix, args.mix_alpha, generator, draws)
+                loss = batch_loss(model(x), y, y_partner, lam, args, log_prior) * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             if average is not None:
                 update_average(average, raw_model, ema_decay(args, scheduler.last_epoch))
-            value = ddp.mean(loss, world)
+            chunk_losses.append(loss.detach())
+        for value in ddp.step_means(torch.stack(chunk_losses), world):
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {len(losses) + 1} of the epoch")
             losses.append(value)
@@ -256,6 +264,7 @@ def run_epoch(model, optimizer, scheduler, images, labels, args, generator, devi
 def fit(images, labels, args, device, epochs, salt):
     """Train a fresh model for `epochs` epochs without evaluation or checkpoints (label repair's fold models)."""
     model = new_model(args, images, device, salt)
+    images, labels = images.to(device), labels.to(device)  # once, not once per epoch
     optimizer, scheduler = make_optimizer(model, args, epochs * math.ceil(len(labels) / args.batch_size))
     average = new_average(model, args)
     # disable=None: no bar when stderr is not a terminal (log files, CI); the fold's line still prints.
@@ -305,13 +314,15 @@ def run_description(args, labels, val_size, device):
             + (f", {args.mix} alpha {args.mix_alpha:g}" if args.mix != "none" else "")
             + (f", EMA {args.ema:g}" if args.ema else "")
             + (f", validation split {val_size} images, keep {args.select}" if val_size else "")
-            + f", device {device}"
+            + f", device {device}" + (", bfloat16 autocast (--amp)" if args.amp else "")
+            + (", deterministic kernels" if args.deterministic else "")
             + (f" in each of {ddp.size()} processes, which share every batch" if ddp.size() > 1 else ""))
 
 
 def train(train_x, train_y, dev_x, dev_y, args, device):
     state_path = resume_path(args.out)
     fingerprint = data_fingerprint(train_x, train_y)
+    ddp.check_same(fingerprint, args.data, "give every process the same file (on every machine) and run again")
     # Rank 0 reads (and checks) the resume state and hands it to the others: they need no copy of the file.
     state = ddp.broadcast(load_resume(state_path, args, fingerprint, train_y) if args.resume and ddp.is_main()
                           else None)
@@ -341,6 +352,8 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     warn_missing_classes(labels, "training labels")
 
     model = new_model(args, images, device, "main")
+    # On the device once: every epoch indexes them there (and the scores run there).
+    images, labels, val_x, dev_x = images.to(device), labels.to(device), val_x.to(device), dev_x.to(device)
     steps_per_epoch = math.ceil(len(labels) / args.batch_size)
     optimizer, scheduler = make_optimizer(model, args, args.epochs * steps_per_epoch)
     average = new_average(model, args)
@@ -357,6 +370,8 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     config = {k: getattr(args, k) for k in RUN_KEYS}
     if ddp.size() > 1:
         config["world_size"] = ddp.size()
+    if args.deterministic:
+        config["deterministic"] = True
     robust_x = robust_y = None
     if args.adversarial != "none" and args.robust_eval:
         # A fixed subset, the same every epoch and after a resume, so the numbers compare.
@@ -512,6 +527,12 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, mps or auto: CUDA, else MPS, else the CPU (default: auto); under "
                              "torchrun each process takes the CUDA device of its local rank")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 autocast for the training steps' forward passes; weights, optimizer and the "
+                             "reported scores stay float32 (default: off, float32 throughout)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="repeatable CUDA runs: deterministic cuDNN, cuBLAS and kernels, at some speed (CPU runs "
+                             "repeat without it; docs/devices.md)")
     add_repair_args(parser, sorted(REPAIR_RECIPES))
     add_treatment_args(parser)
     add_adversarial_args(parser)
@@ -529,13 +550,15 @@ def parse_args(argv=None):
 
 def sweep_runs(images, labels, args, device):
     """start_run(lr) for lr_sweep: the same initialization for every rate, a constant rate, --sweep-steps steps."""
+    placed = images.to(device), labels.to(device)  # once, for every rate
+
     def start_run(lr):
         run_args = argparse.Namespace(**{**vars(args), "lr": lr, "schedule": "constant"})
         model = new_model(args, images, device, "sweep")
         optimizer, scheduler = make_optimizer(model, run_args, args.sweep_steps)
         generator = seeded(args.seed, "sweep")
-        return lambda losses, max_steps: run_epoch(model, optimizer, scheduler, images, labels, run_args, generator,
-                                                   device, max_steps=max_steps, losses=losses)
+        return lambda losses, max_steps: run_epoch(model, optimizer, scheduler, *placed, run_args, generator, device,
+                                                   max_steps=max_steps, losses=losses)
 
     return start_run
 
@@ -546,6 +569,10 @@ def main():
     if args.lr_sweep and ddp.size() > 1:
         raise UserError("--lr-sweep compares learning rates in short runs of one process each: run it with "
                         "python trainer.py, not torchrun")
+    if args.deterministic:
+        devices.deterministic(device)  # before any computation: cuBLAS reads its setting when it starts
+    if args.amp:
+        devices.check_autocast(device)
     # Every output is checked before any work: a typo should not surface after label repair.
     check_output_dir(args.figures, "--figures")
     if not args.lr_sweep:
@@ -553,9 +580,9 @@ def main():
         check_output_file(resume_path(args.out), "--out")
     if args.fix_labels not in ("auto", "none"):
         read_input_file(args.fix_labels, "label corrections")  # exists and is a regular file
-    # The sweep never looks at dev data, so it does not need (or build) it. Built once per machine.
-    with ddp.local_main_first():
-        ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
+    # The sweep never looks at dev data, so it does not need (or build) it. Of the processes that
+    # share a data folder (torchrun's, on one machine or several), one builds it, the others wait.
+    ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
     train_x, train_y = load_pickle(args.data)
     if args.lr_sweep:
         lr_sweep(args.lr_sweep, args.sweep_steps, sweep_runs(train_x, train_y, args, device), args.figures)

@@ -86,18 +86,21 @@ def logit_adjusted_cross_entropy(logits, targets, log_prior, tau=1.0, label_smoo
     return F.cross_entropy(logits + tau * log_prior.to(logits), targets, label_smoothing=label_smoothing)
 
 
-def mix_batch(x, y, mode, alpha, generator):
+def mix_batch(x, y, mode, alpha, generator, draws=None):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) within a batch.
 
     Returns (images, labels, partner labels, lam): the loss is lam * loss(labels) +
-    (1 - lam) * loss(partner labels). Every draw comes from `generator`, so runs repeat;
-    mode "none" returns the batch unchanged (lam 1) and draws nothing.
+    (1 - lam) * loss(partner labels). Every draw comes from `generator` (a CPU generator: lam
+    and the box are Python numbers) and the partners' order from `draws` (a generator on the
+    batch's device, devices.draws_on; default: generator), so runs repeat; mode "none" returns
+    the batch unchanged (lam 1) and draws nothing.
     """
     if mode == "none":
         return x, y, y, 1.0
     # torch.distributions cannot take a generator; Python's Beta sampler seeded from it can.
     lam = random.Random(int(torch.randint(2**62, (1,), generator=generator))).betavariate(alpha, alpha)
-    partner = torch.randperm(len(x), generator=generator).to(x.device)
+    draws = generator if draws is None else draws
+    partner = torch.randperm(len(x), generator=draws, device=draws.device).to(x.device)
     if mode == "mixup":
         return lam * x + (1 - lam) * x[partner], y, y[partner], lam
     h, w = x.shape[-2:]

@@ -24,6 +24,11 @@ def cifar_dir():
     return None
 
 
+def pytest_configure(config):
+    for device in ("cuda", "mps"):
+        config.addinivalue_line("markers", f"{device}: needs a {device} device; skipped where torch sees none")
+
+
 needs_cifar = pytest.mark.skipif(cifar_dir() is None, reason="no local CIFAR-10 copy (set CIFAR10_DIR)")
 
 

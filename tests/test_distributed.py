@@ -211,3 +211,16 @@ def test_a_mistake_under_torchrun_is_one_error_line(small_data, tmp_path):
     assert len(lines) == 1 and "--lr-sweep" in lines[0] and "python trainer.py" in lines[0], result.stderr
     # torchrun's failure report that follows names the cause (its error file), not only its docs' address.
     assert "Root Cause" in result.stderr and result.stderr.count("--lr-sweep compares") >= 2
+
+
+def test_processes_that_read_different_data_stop_before_training(small_data, tmp_path):
+    result = subprocess.run([*TORCHRUN, ROOT / "tests" / "distributed_data.py",
+                             *trainer_args(small_data, tmp_path, "--epochs", "1", "--fix-labels", "none")[1:]],
+                            capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert result.returncode != 0
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert f"{small_data / 'train.pickle'} differs between processes: process 1 (on " in lines[0]
+    assert "read other data than process 0" in lines[0] and "give every process the same file" in lines[0]
+    assert "epoch" not in result.stderr.split("differs between")[0]  # stopped before the first epoch
+    assert not (tmp_path / "m.ckpt").exists()
