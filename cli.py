@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn take seeds in [0, 2**32 - 1]
@@ -285,36 +286,62 @@ def _os_error_in(error):
 
 
 def _lock(f, wait):
-    """Lock the open file f exclusively; OSError when wait is False and another process holds it."""
+    """Lock the open file f exclusively: True once held; False when wait is False and another process
+    holds it; OSError when the file system cannot lock at all."""
     if os.name == "nt":
         import msvcrt
 
-        msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
+        while True:  # msvcrt's own blocking mode gives up after 10 s
+            try:
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EDEADLOCK):
+                    raise
+                if not wait:
+                    return False
+                time.sleep(0.1)
+    import fcntl
 
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return True
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            return False
 
 
 @contextlib.contextmanager
-def file_lock(lock_path, wait, busy):
+def file_lock(lock_path, wait=True, busy=None):
     """Hold an exclusive lock on the file lock_path for the duration, and remove the file after.
 
-    wait: block until the holder lets go; else raise OSError at once if it is held (busy(),
-    a UserError, says so). The OS drops the lock when its process dies, so a killed run never
-    leaves a held lock, only (after kill -9) an empty file that the next run takes and removes.
-    The holder unlinks the file before it lets go; a process that opened it meanwhile then
-    holds a lock on a file no longer there, sees that, and locks the path again, so two
-    processes never both hold the lock.
+    wait: block until the holder lets go; else raise busy() (a UserError saying so) at once if
+    it is held. The OS drops the lock when its process dies, so a killed run never leaves a held
+    lock, only (after kill -9) an empty file that the next run takes and removes. The holder
+    unlinks the file before it lets go; a process that opened it meanwhile then holds a lock on
+    a file no longer there, sees that, and locks the path again, so two processes never both
+    hold the lock. A file system that cannot lock at all (some network file systems) is one
+    note, and the block runs without the lock: refusing to run would be worse.
     """
     lock_path = Path(lock_path)
     while True:
         f = open(lock_path, "a+b")
         try:
-            _lock(f, wait)
-        except OSError:
+            held = _lock(f, wait)
+        except OSError as e:
             f.close()
-            raise busy() from None
+            note_once(f"cannot lock {lock_path} ({e.strerror or e}); going on without the lock")
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
+            return
+        if not held:
+            f.close()
+            raise busy()
         try:
             same = os.path.samestat(os.fstat(f.fileno()), os.stat(lock_path))
         except FileNotFoundError:
@@ -325,6 +352,8 @@ def file_lock(lock_path, wait, busy):
     try:
         yield
     finally:
+        if os.name == "nt":  # Windows deletes no open file: let go first
+            f.close()
         with contextlib.suppress(OSError):
             lock_path.unlink()
         f.close()

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -283,20 +284,35 @@ def _decode(paths):
 
 
 def _download_cifar(data_dir):
-    # torchvision's download checks the archive's MD5; the batches are then read like any local
-    # copy (read_cifar_batch), never by torchvision's CIFAR10, which would pickle.load them.
+    """CIFAR-10's python batches in data_dir/cifar-10-batches-py, downloaded unless a whole copy is there.
+
+    torchvision's download checks the archive's MD5; the batches are then read like any local
+    copy (read_cifar_batch), never by torchvision's CIFAR10, which would pickle.load them. The
+    archive is fetched and unpacked in a folder of this process's own, and the batches renamed
+    into place whole: processes that download at once (on a file system that ignores the build
+    lock) each finish with a complete copy, never a mix.
+    """
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import download_and_extract_archive
 
+    target = Path(data_dir) / "cifar-10-batches-py"
+    if all((target / f"data_batch_{k}").is_file() for k in range(1, 6)):
+        return target
     print(f"Downloading CIFAR-10 into {data_dir}/ (about 170 MB) ...", file=sys.stderr)
-    try:
-        download_and_extract_archive(CIFAR10.url, str(data_dir), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
-    except Exception as e:  # urllib/ssl/socket errors all mean the same thing to the user
-        raise UserError(
-            f"could not download CIFAR-10 ({type(e).__name__}: {e}); offline, pass --cifar-dir DIR "
-            "or set CIFAR10_DIR to a local CIFAR-10 copy (cifar-10-batches-py or train/<class>/*.jpg)"
-        ) from None
-    return Path(data_dir) / "cifar-10-batches-py"
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".cifar-10-download-") as tmp:
+        try:
+            download_and_extract_archive(CIFAR10.url, tmp, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as e:  # urllib/ssl/socket errors all mean the same thing to the user
+            raise UserError(
+                f"could not download CIFAR-10 ({type(e).__name__}: {e}); offline, pass --cifar-dir DIR "
+                "or set CIFAR10_DIR to a local CIFAR-10 copy (cifar-10-batches-py or train/<class>/*.jpg)"
+            ) from None
+        try:
+            os.replace(Path(tmp) / "cifar-10-batches-py", target)
+        except OSError:
+            if not target.is_dir():  # else another process renamed its whole copy there first
+                raise
+    return target
 
 
 def _select(sizes, counts_a, counts_b, generator):
@@ -432,9 +448,7 @@ def ensure_data(*paths, cifar_dir=None):
     if custom:
         raise UserError(f"{custom[0]}: no such data file")
     out_dir = check_output_dir(Path(TRAIN_PATH).parent, "data folder")
-    lock = out_dir / ".build.lock"
-    busy = lambda: UserError(f"{lock}: cannot lock the data folder to build the data in it")  # noqa: E731
-    with file_lock(lock, wait=True, busy=busy):
+    with file_lock(out_dir / ".build.lock"):
         missing = [p for p in missing if not p.exists()]  # built meanwhile by the process that held the lock
         if not missing:
             return

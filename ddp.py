@@ -172,6 +172,17 @@ def broadcast(obj):
     return box[0]
 
 
+@contextlib.contextmanager
+def local_main_first():
+    """The block runs on each machine's first process, then on its others: it builds what they read
+    (the others wait at a barrier, within GROUP_TIMEOUT)."""
+    if local_rank() > 0:
+        dist.barrier()
+    yield
+    if size() > 1 and local_rank() == 0:
+        dist.barrier()
+
+
 def check_same(value, what, advice):
     """Stop every process with one line unless all of them hold the same value (a fingerprint of
     their data, say): nodes that read different files would train on a mix of them, silently."""

@@ -29,7 +29,7 @@ def deterministic(device):
     another algorithm per run), cuBLAS a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when
     cuBLAS starts, so this runs before any CUDA work), and torch raises on any kernel that
     has no deterministic version instead of running it. The one such kernel the models use,
-    adaptive_max_pool2d's backward, is replaced by a max over the feature map
+    adaptive_max_pool2d's backward, is replaced by max_pool2d over the whole feature map
     (models.global_max_pool) while this mode is on. On the CPU, runs are repeatable without it.
     """
     if device.type == "cuda":
@@ -49,12 +49,23 @@ def autocast(device, enabled):
 
 
 def check_autocast(device):
-    """One error line, before any work, where this torch cannot autocast to bfloat16 on device."""
-    available = torch.amp.autocast_mode.is_autocast_available(device.type)
-    if available and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        available = False
-    if not available:
-        raise UserError(f"--amp: this torch cannot run bfloat16 autocast on {device.type}; train without --amp")
+    """One error line, before any work, where bfloat16 autocast cannot run on device, or only emulated
+    (a GPU older than Ampere computes bfloat16 in float32 and slower: no gain to be had)."""
+    problem = None
+    if not torch.amp.autocast_mode.is_autocast_available(device.type):
+        problem = f"this torch has no autocast on {device.type}"
+    elif device.type == "cuda":
+        with torch.cuda.device(device):
+            if not torch.cuda.is_bf16_supported(including_emulation=False):
+                problem = f"{torch.cuda.get_device_name(device)} has no bfloat16 arithmetic"
+    elif device.type == "mps":
+        import platform
+
+        release = platform.mac_ver()[0]
+        if release and int(release.split(".")[0]) < 14:
+            problem = f"MPS computes bfloat16 from macOS 14 on; this is macOS {release}"
+    if problem:
+        raise UserError(f"--amp: {problem}; train without --amp")
 
 
 def draws_on(device, generator):
@@ -87,17 +98,20 @@ _WARPS_ON_CPU = set()  # device types whose grid_sample failed once: they warp o
 def warp(images, grid):
     """Bilinear grid_sample with reflection padding (rotated corners filled with image content).
 
-    Recent torch has it on MPS; where a device raises for it, this run warps on the CPU from
-    then on (one note), since a copy there and back is slower but right.
+    Recent torch has it on MPS; where MPS raises for it, this run warps on the CPU from then on
+    (one note), since a copy there and back is slower but right.
     """
     def sample(x, g):
         return F.grid_sample(x, g, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     device = images.device
-    if device.type != "cpu" and device.type not in _WARPS_ON_CPU:
+    if device.type != "mps" or device.type not in _WARPS_ON_CPU:
         try:
             return sample(images, grid)
         except (RuntimeError, NotImplementedError) as e:
+            # Only MPS has lacked this kernel; elsewhere (and out of memory anywhere) an error is an error.
+            if device.type != "mps" or isinstance(e, torch.OutOfMemoryError):
+                raise
             _WARPS_ON_CPU.add(device.type)
             note_once(f"grid_sample with reflection padding failed on {device.type} ({' '.join(str(e).split())[:80]}); "
                       "augmentation warps its images on the CPU")

@@ -274,9 +274,9 @@ RUN_KEYS = ("model", "epochs", "lr", "batch_size", "optimizer", "weight_decay", 
             "sampler", "augment", "fix_labels", "repair_folds", "repair_epochs", "repair_action", "repair_pairs",
             "seed", "data", "adversarial", "adv_epsilon", "adv_steps", "adv_step_size", "robust_eval",
             "arch", "loss", "tau", "drw_start", "mix", "mix_alpha", "ema", "val_fraction", "select", "repair_model",
-            "amp")
+            "amp", "deterministic")
 # Settings added to RUN_KEYS after resume states were first written, with the value those states ran with.
-LATER_RUN_KEYS = {"amp": False}
+LATER_RUN_KEYS = {"amp": False, "deterministic": False}
 
 
 def data_fingerprint(images, labels):

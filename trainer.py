@@ -370,8 +370,6 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
     config = {k: getattr(args, k) for k in RUN_KEYS}
     if ddp.size() > 1:
         config["world_size"] = ddp.size()
-    if args.deterministic:
-        config["deterministic"] = True
     robust_x = robust_y = None
     if args.adversarial != "none" and args.robust_eval:
         # A fixed subset, the same every epoch and after a resume, so the numbers compare.
@@ -580,9 +578,11 @@ def main():
         check_output_file(resume_path(args.out), "--out")
     if args.fix_labels not in ("auto", "none"):
         read_input_file(args.fix_labels, "label corrections")  # exists and is a regular file
-    # The sweep never looks at dev data, so it does not need (or build) it. Of the processes that
-    # share a data folder (torchrun's, on one machine or several), one builds it, the others wait.
-    ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
+    # The sweep never looks at dev data, so it does not need (or build) it. Each machine's first
+    # process builds it (and says so) while the machine's others wait; machines that share a data
+    # folder take turns under ensure_data's lock.
+    with ddp.local_main_first():
+        ensure_data(args.data, *([] if args.lr_sweep else [args.dev_data]), cifar_dir=args.cifar_dir)
     train_x, train_y = load_pickle(args.data)
     if args.lr_sweep:
         lr_sweep(args.lr_sweep, args.sweep_steps, sweep_runs(train_x, train_y, args, device), args.figures)

@@ -83,7 +83,9 @@ def logit_adjusted_cross_entropy(logits, targets, log_prior, tau=1.0, label_smoo
     (used unchanged at test time) estimate p(x | y) rather than p(y | x): the decision that
     maximizes balanced accuracy.
     """
-    return F.cross_entropy(logits + tau * log_prior.to(logits), targets, label_smoothing=label_smoothing)
+    # In float32 even under --amp's autocast: a bfloat16 sum would round the adjustment to 3 digits.
+    return F.cross_entropy(logits.float() + tau * log_prior.to(logits.device), targets,
+                           label_smoothing=label_smoothing)
 
 
 def mix_batch(x, y, mode, alpha, generator, draws=None):

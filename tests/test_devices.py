@@ -234,8 +234,9 @@ def test_file_lock_admits_one_holder_at_a_time_and_is_removed_after(tmp_path):
                 inside[0] -= 1
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-    for t in threads:
+    for t in threads:  # staggered, so that some arrive after a holder has removed the file
         t.start()
+        time.sleep(0.003)
     for t in threads:
         t.join(60)
     assert sorted(entries) == list(range(16)) and most[0] == 1
@@ -286,21 +287,27 @@ def deterministic_mode():
         torch.backends.cudnn.deterministic = False
 
 
-def test_the_deterministic_pooling_gives_the_same_values_and_gradients(deterministic_mode):
-    x = torch.randn(8, 16, 4, 4, requires_grad=True)
+def test_the_deterministic_pooling_gives_the_same_values_and_gradients_ties_included(deterministic_mode):
+    x = torch.randn(8, 16, 3, 3)
+    x[:, :4] = x[:, :4].round()  # rounded values tie, and x[:, 4] is all ties
+    x[:, 4] = 1.0
+    x.requires_grad_(True)
     pooled = models.global_max_pool(x)
     (grad,) = torch.autograd.grad((pooled * torch.arange(16.0)).sum(), x)
     torch.use_deterministic_algorithms(False)
     reference = torch.flatten(F.adaptive_max_pool2d(x, 1), 1)
     (expected,) = torch.autograd.grad((reference * torch.arange(16.0)).sum(), x)
-    assert torch.equal(pooled, reference) and torch.equal(grad, expected)  # random values: no ties
+    assert torch.equal(pooled, reference) and torch.equal(grad, expected)
+    assert int((grad[:, 4] != 0).sum()) == 8  # each tied map's gradient went to one place
 
 
-def test_deterministic_flag_changes_nothing_on_the_cpu(small_data, tmp_path):
+@pytest.mark.parametrize("model", ["simple", "best"])
+def test_deterministic_flag_changes_nothing_on_the_cpu(small_data, tmp_path, model):
+    # best: WhitenedCNN's global max-pool takes the amax path; without ties its gradients are the pooling's.
     runs = {}
     for name, extra in (("plain", ()), ("deterministic", ("--deterministic",))):
         result = run_script("trainer.py", *train_cmd(small_data, tmp_path / name, "--epochs", "1", "--fix-labels",
-                                                     "none", *extra)[2:], cwd=tmp_path)
+                                                     "none", "--model", model, *extra)[2:], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         runs[name] = weights(tmp_path / name / "m.ckpt")
     assert "deterministic kernels" in result.stderr
@@ -352,14 +359,16 @@ def test_training_on_the_device_learns_and_scores_as_on_the_cpu(accelerator, sma
                                                  "--device", accelerator.type)[2:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"device {accelerator.type}" in result.stderr and "on the CPU" not in result.stderr  # no fallback
-    scores = {}
     for where in ("cpu", accelerator.type):
         tested = run_script("tester.py", "--checkpoint", tmp_path / "m.ckpt", "--data", small_data / "dev.pickle",
                             "--device", where, "--out", tmp_path / where, cwd=tmp_path)
         assert tested.returncode == 0, tested.stderr
-        scores[where] = json.loads((tmp_path / where / "metrics_m.json").read_text())["balanced_accuracy"]
-    assert scores["cpu"] > 0.45
-    assert abs(scores["cpu"] - scores[accelerator.type]) <= 0.01, scores
+    assert json.loads((tmp_path / "cpu" / "metrics_m.json").read_text())["balanced_accuracy"] > 0.45
+    # The same checkpoint predicts the same classes on both, but for images at a near tie.
+    model, (dev_x, _) = models.load_model(tmp_path / "m.ckpt"), load_pickle(small_data / "dev.pickle")
+    on_cpu = models.predict(model, dev_x, "cpu")
+    on_device = models.predict(model.to(accelerator), dev_x, accelerator)
+    assert (on_cpu == on_device).float().mean() >= 0.98
 
 
 def test_an_epoch_on_the_device_waits_for_it_once_per_chunk(accelerator, small_data):
@@ -418,6 +427,7 @@ def test_deterministic_cuda_runs_repeat_and_resume_exactly(small_data, tmp_path)
     wait_for(tmp_path / "c" / "m.resume.pt")
     proc.kill()
     proc.wait()
+    assert torch.load(tmp_path / "c" / "m.resume.pt", weights_only=True)["epoch"] < 3  # killed before the end
     resumed = run_script("trainer.py", *train_cmd(small_data, tmp_path / "c", *flags, "--resume")[2:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert identical(weights(tmp_path / "a" / "m.ckpt"), weights(tmp_path / "c" / "m.ckpt"))
