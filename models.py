@@ -297,36 +297,37 @@ def checkpoint_weights(ckpt, path, architectures):
 
 
 def read_weights(path):
-    """(state_dict, arch or None) from the checkpoint at path, loaded without running code from it, wherever
-    it keeps them (checkpoint_weights); a note says where, unless in the course's format."""
-    state, arch, note = checkpoint_weights(read_checkpoint(path), path, ARCHITECTURES)
-    if note:
-        note_once(note)
-    return state, arch
+    """(state_dict, arch or None, note or None) from the checkpoint at path, loaded without running code
+    from it, wherever it keeps them (checkpoint_weights)."""
+    return checkpoint_weights(read_checkpoint(path), path, ARCHITECTURES)
 
 
 def _guess_arch(state):
     return next((name for name, cls in ARCHITECTURES.items() if set(cls().state_dict()) == set(state)), None)
 
 
-def load_weights(model, path):
-    """Load the checkpoint at path into model (in place) and return model."""
-    state, arch = read_weights(path)
-    if arch is not None and arch != model.arch:
-        raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r})")
+def _load_checked(model, state, note, path):
+    """Load state into model once it fits; only then say which layout it came from (a refusal is one line)."""
     check_state_dict(model, state, path)
     model.load_state_dict(state)
+    if note:
+        note_once(note)
     return model
+
+
+def load_weights(model, path):
+    """Load the checkpoint at path into model (in place) and return model."""
+    state, arch, note = read_weights(path)
+    if arch is not None and arch != model.arch:
+        raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r})")
+    return _load_checked(model, state, note, path)
 
 
 def load_model(path, map_location="cpu"):
     """The model in a checkpoint (any layout checkpoint_weights reads), in eval mode."""
-    state, arch = read_weights(path)
-    arch = arch or _guess_arch(state) or SimpleModel.arch
-    model = ARCHITECTURES[arch]()
-    check_state_dict(model, state, path)
-    model.load_state_dict(state)
-    return model.to(map_location).eval()
+    state, arch, note = read_weights(path)
+    model = ARCHITECTURES[arch or _guess_arch(state) or SimpleModel.arch]()
+    return _load_checked(model, state, note, path).to(map_location).eval()
 
 
 @contextlib.contextmanager

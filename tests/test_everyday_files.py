@@ -305,6 +305,15 @@ def test_a_prefix_on_only_some_keys_is_refused(briefly_trained, tmp_path):
     assert same_contents(models.load_model(path).state_dict(), briefly_trained[0].state_dict())
 
 
+def test_a_layout_whose_weights_do_not_fit_is_one_line_and_no_note(tmp_path):
+    path = tmp_path / "linear.ckpt"
+    torch.save({"state_dict": nn.DataParallel(nn.Linear(4, 2)).state_dict(), "epoch": 1}, path)
+    result = run_script("tester.py", "--checkpoint", path, "--out", tmp_path, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == (
+        f"tester.py: error: {path}: not a SimpleModel checkpoint: missing keys: conv1.weight, conv1.bias, conv2.weight, "
+        "conv2.bias (+6 more); unexpected keys: weight, bias\n")
+
+
 def test_a_checkpoint_without_weights_says_where_it_looked(tmp_path):
     path = tmp_path / "no_weights.ckpt"
     torch.save({"epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, path)
