@@ -1,4 +1,5 @@
-"""Command-line plumbing shared by every script: one-line errors, validated flags, devices, safe outputs, figures.
+"""Command-line plumbing shared by every script: one-line errors, the torch-version gate, validated flags,
+devices, safe outputs, figures.
 
 A user's mistake (a bad path, a broken or hostile file, an out-of-range flag) ends with one
 line, `<script>: error: <what is wrong, where, what to do>`, and a non-zero exit status, never
@@ -20,6 +21,10 @@ import time
 from pathlib import Path
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn take seeds in [0, 2**32 - 1]
+# torch.load(weights_only=True) is the boundary every zip checkpoint crosses. It had published
+# bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
+# (memory corruption from crafted SETITEM opcodes or storage sizes, fixed in 2.10.0).
+MIN_SAFE_TORCH = (2, 10)
 
 
 class UserError(Exception):
@@ -85,10 +90,28 @@ def whole(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def torch_version_tuple(version):
+    """(major, minor) of a version string such as '2.14.1+cu128'."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def require_safe_torch():
+    """Refuse to run on a torch whose safe loader has known bypasses: every script at start, and
+    untrusted.py before each torch.load (the course API has no start)."""
+    import torch
+
+    if torch_version_tuple(torch.__version__) < MIN_SAFE_TORCH:
+        need = ".".join(map(str, MIN_SAFE_TORCH))
+        raise UserError(
+            f"torch {torch.__version__} is too old to load files safely (its weights_only loader has known "
+            f"bypasses: CVE-2025-32434, CVE-2026-24747); upgrade to torch >= {need}: "
+            "pip install -r requirements.txt"
+        )
+
+
 def run_main(main):
     """Run a script's main(): user mistakes become one 'error:' line and a non-zero exit status."""
-    from untrusted import require_safe_torch  # untrusted.py imports this module
-
     prog = Path(sys.argv[0]).name
     try:
         require_safe_torch()  # before any file is opened

@@ -30,7 +30,8 @@ from cli import (ArgumentParser, UserError, atomic_write, check_output_dir, desc
 from images import (
     IMAGE_EXTENSIONS, from_unit, image_pixels, list_folder, load_image_folder, to_unit,
 )
-from restricted_pickle import UnsafeFile, as_plain
+from pickled_data import as_plain
+from restricted_pickle import UnsafeFile
 from untrusted import read_cifar_batch, read_pickle
 
 CLASSES = ("car", "truck", "cat")
@@ -83,19 +84,20 @@ def _check_label(label, where):
 
 def _check_image(image, where):
     """A course image: a float32 tensor [3, 32, 32], or what course code also writes (a numpy array, a
-    batch of one [1, 3, 32, 32]), as a tensor [3, 32, 32]."""
+    batch of one [1, 3, 32, 32], float64 pixels: x.double()), as a float32 tensor [3, 32, 32]."""
     image = _plain(image, where)
     if not isinstance(image, torch.Tensor):
         raise UserError(f"{where}: image is {describe(image)}, expected a float32 tensor [3, 32, 32]")
     if tuple(image.shape) not in ((3, 32, 32), (1, 3, 32, 32)):
         raise UserError(f"{where}: image has shape {list(image.shape)}, expected [3, 32, 32]")
-    if image.dtype != torch.float32:
+    if image.dtype not in (torch.float32, torch.float64):
         raise UserError(f"{where}: image has dtype {image.dtype}, expected torch.float32 in [-1, 1]")
     if image.requires_grad:
         raise UserError(f"{where}: image has requires_grad=True (autograd state); expected a plain tensor")
     if image.layout != torch.strided or image.is_meta:
         raise UserError(f"{where}: image is not a plain dense tensor ({image.layout}, {image.device})")
-    return image.reshape(3, 32, 32)
+    # float64 pixels in [-1, 1] round to float32 losing nothing a photo holds (8 bits per channel).
+    return image.reshape(3, 32, 32).float()
 
 
 def _check_items(items, path, file_size):

@@ -5,8 +5,11 @@
     WhitenedCNN   an airbench-style CNN with a frozen patch-whitening first layer
 
 SimpleModel checkpoints use the course format, {'model_state_dict': state_dict}, so
-course code can read them. Other architectures add an 'arch' key naming themselves;
-load_model() reads either, and a bare state_dict too.
+course code can read them. Other architectures add an 'arch' key naming themselves.
+Loading reads the weights where common training code keeps them too (checkpoint_weights):
+a bare state_dict, or one under 'state_dict' or 'model' beside an optimizer's state and
+the like, its keys prefixed by a wrapper (DataParallel's 'module.', torch.compile's
+'_orig_mod.') or not; a note says which layout it read, unless it is the course's.
 
 The course's API works unchanged: `net = SimpleModel(); net.load(path)` loads the weights
 into net (and returns it), `net.save(path)` writes the course format. Every load goes
@@ -21,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, atomic_write
+from cli import UserError, atomic_write, clip, describe, note_once
 from untrusted import check_state_dict, read_checkpoint
 
 
@@ -236,28 +239,108 @@ def save_checkpoint(model, path):
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
+# Where training code keeps the weights in a checkpoint dict, looked for in this order: the course's
+# key (also PyTorch's tutorial on checkpoints), 'state_dict' (Lightning and many training loops),
+# 'model' (torchvision's reference scripts).
+WEIGHT_KEYS = ("model_state_dict", "state_dict", "model")
+# What a wrapper puts before every key of the state_dict it saves, and how many wrappers are stripped at
+# most (DistributedDataParallel around a compiled model is two; each strip copies every key).
+WRAPPER_PREFIXES = {"module.": "DataParallel, DistributedDataParallel", "_orig_mod.": "torch.compile"}
+MAX_WRAPPERS = 4
+
+
+def _is_state_dict(value):
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _names(keys, shown=4):
+    keys = list(keys)
+    names = ", ".join(repr(clip(k)) if isinstance(k, str) else describe(k) for k in keys[:shown])
+    return names + (f" and {len(keys) - shown:,} more" if len(keys) > shown else "")
+
+
+def _without_wrapper_prefixes(state, path):
+    """(state, prefixes stripped): each wrapper's prefix stripped when every key carries it. A prefix on
+    only some keys is refused: no wrapper writes that, so the keys are not one model's."""
+    stripped = []
+    while len(stripped) < MAX_WRAPPERS:
+        prefix = next((p for p in WRAPPER_PREFIXES if any(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        other = next((k for k in state if not k.startswith(prefix)), None)
+        if other is not None:
+            carrying = sum(k.startswith(prefix) for k in state)
+            raise UserError(f"{path}: {carrying:,} of the state_dict's {len(state):,} keys start with {prefix!r} and the "
+                            f"others do not (such as {clip(other)!r}); a wrapper ({WRAPPER_PREFIXES[prefix]}) puts it "
+                            "on every key, so these are not one model's weights: save them again with "
+                            "torch.save(model.state_dict(), path)")
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        stripped.append(prefix)
+    return state, stripped
+
+
+def checkpoint_weights(ckpt, path, architectures):
+    """(state_dict, arch or None, note or None): the weights in a loaded checkpoint and the layout they
+    were read from, where the course and common training code keep them. The note names the layout
+    (None for the course's own, {'model_state_dict': state} with 'arch' or not); arch, when present,
+    must be one of architectures."""
+    arch, left_out = None, []
+    if _is_state_dict(ckpt):
+        state, where = ckpt, "a bare state_dict"
+    elif isinstance(ckpt, dict) and any(k in ckpt for k in WEIGHT_KEYS):
+        key = next(k for k in WEIGHT_KEYS if k in ckpt)
+        state, where, arch = ckpt[key], repr(key), ckpt.get("arch")
+        if not _is_state_dict(state):
+            raise UserError(f"{path}: {key!r} holds {describe(state)}, not a state_dict (names and tensors)")
+        left_out = [k for k in ckpt if k not in (key, "arch")]
+    else:
+        found = f"a dict of {_names(ckpt)}" if isinstance(ckpt, dict) and ckpt else describe(ckpt)
+        raise UserError(f"{path}: found no weights: expected a state_dict (names and tensors), bare or under "
+                        f"{', '.join(map(repr, WEIGHT_KEYS[:-1]))} or {WEIGHT_KEYS[-1]!r}, but the file holds {found}")
+    if arch is not None and (not isinstance(arch, str) or arch not in architectures):
+        raise UserError(f"{path}: unknown architecture {describe(arch)} (known: {', '.join(architectures)})")
+    state, stripped = _without_wrapper_prefixes(state, path)
+    details = [f"{' and '.join(stripped)} prefix{'es' if len(stripped) > 1 else ''} stripped"] if stripped else []
+    if left_out:
+        details.append(f"left out: {_names(left_out)}")
+    if where == repr(WEIGHT_KEYS[0]) and not details:
+        return state, arch, None
+    return state, arch, f"{path}: read the weights from {where}" + (f" ({'; '.join(details)})" if details else "")
+
+
+def read_weights(path):
+    """(state_dict, arch or None, note or None) from the checkpoint at path, loaded without running code
+    from it, wherever it keeps them (checkpoint_weights)."""
+    return checkpoint_weights(read_checkpoint(path), path, ARCHITECTURES)
+
+
 def _guess_arch(state):
     return next((name for name, cls in ARCHITECTURES.items() if set(cls().state_dict()) == set(state)), None)
 
 
-def load_weights(model, path):
-    """Load the checkpoint at path into model (in place) and return model."""
-    state, arch = read_checkpoint(path, ARCHITECTURES)
-    if arch is not None and arch != model.arch:
-        raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r})")
+def _load_checked(model, state, note, path):
+    """Load state into model once it fits; only then say which layout it came from (a refusal is one line)."""
     check_state_dict(model, state, path)
     model.load_state_dict(state)
+    if note:
+        note_once(note)
     return model
 
 
+def load_weights(model, path):
+    """Load the checkpoint at path into model (in place) and return model."""
+    state, arch, note = read_weights(path)
+    if arch is not None and arch != model.arch:
+        raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r})")
+    return _load_checked(model, state, note, path)
+
+
 def load_model(path, map_location="cpu"):
-    """The model in a checkpoint (course format, 'arch'-tagged, or a bare state_dict), in eval mode."""
-    state, arch = read_checkpoint(path, ARCHITECTURES)
-    arch = arch or _guess_arch(state) or SimpleModel.arch
-    model = ARCHITECTURES[arch]()
-    check_state_dict(model, state, path)
-    model.load_state_dict(state)
-    return model.to(map_location).eval()
+    """The model in a checkpoint (any layout checkpoint_weights reads), in eval mode."""
+    state, arch, note = read_weights(path)
+    model = ARCHITECTURES[arch or _guess_arch(state) or SimpleModel.arch]()
+    return _load_checked(model, state, note, path).to(map_location).eval()
 
 
 @contextlib.contextmanager

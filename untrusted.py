@@ -2,18 +2,19 @@
 
 Every data pickle, checkpoint, resume state and image file crosses this boundary:
 
-* the torch-version gate: torch.load(weights_only=True) is only trusted on a torch without
-  known bypasses;
 * read_input_file: regular files only (a FIFO or /dev/zero would block or never end);
 * data pickles, CIFAR-10 batches and legacy (non-zip) checkpoints through the restricted
-  unpickler of restricted_pickle.py, each allowed only the globals its kind of file needs;
+  unpickler of restricted_pickle.py, each allowed only the globals its kind of file needs
+  (pickled_data.py, pickled_tensors.py), within a Budget of the file's size;
 * zip checkpoints and resume states: stored entries only, claimed sizes within the file,
   checksums valid, data.pkl through the restricted unpickler (storages as meta tensors), then
-  torch.load(weights_only=True) on the same bytes;
+  torch.load(weights_only=True) on the same bytes, on a torch without known bypasses of it
+  (cli.require_safe_torch);
 * checkpoint contents: a state_dict of finite, plain tensors that fits the model.
 
-What a file means (the course's list of (image, label), a resume state) is checked by the
-module named for it (dataset.py, resume_state.py); this one guarantees that reading it is safe.
+What a file means (the course's list of (image, label), where a checkpoint keeps its weights,
+a resume state) is checked by the module named for it (dataset.py, models.py, resume_state.py);
+this one guarantees that reading it is safe.
 """
 import io
 import os
@@ -26,33 +27,13 @@ from pathlib import Path
 
 import torch
 
-from cli import MissingFile, UserError, clip, describe, one_line, whole
-from restricted_pickle import (Budget, NotTorchFormat, PickledArray, RestrictedUnpickler, UnsafeFile,
-                               check_zip_pickle, checkpoint_globals, data_pickle_globals, numpy_globals,
-                               read_legacy_torch)
+from cli import MissingFile, UserError, clip, describe, one_line, require_safe_torch, whole
+from pickled_data import PickledArray, data_pickle_globals, numpy_globals
+from pickled_tensors import (NotTorchFormat, check_zip_pickle, checkpoint_globals, looks_like_a_module,
+                             read_legacy_torch)
+from restricted_pickle import Budget, RestrictedUnpickler, UnknownGlobal, UnsafeFile
 
-# torch.load(weights_only=True) is the boundary every zip checkpoint crosses. It had published
-# bypasses up to 2.9: CVE-2025-32434 (code execution, fixed in 2.6.0) and CVE-2026-24747
-# (memory corruption from crafted SETITEM opcodes or storage sizes, fixed in 2.10.0).
-MIN_SAFE_TORCH = (2, 10)
 ZIP_MAGIC = b"PK\x03\x04"
-
-
-def torch_version_tuple(version):
-    """(major, minor) of a version string such as '2.14.1+cu128'."""
-    match = re.match(r"(\d+)\.(\d+)", str(version))
-    return (int(match[1]), int(match[2])) if match else (0, 0)
-
-
-def require_safe_torch():
-    """Refuse to run on a torch whose safe loader has known bypasses."""
-    if torch_version_tuple(torch.__version__) < MIN_SAFE_TORCH:
-        need = ".".join(map(str, MIN_SAFE_TORCH))
-        raise UserError(
-            f"torch {torch.__version__} is too old to load files safely (its weights_only loader has known "
-            f"bypasses: CVE-2025-32434, CVE-2026-24747); upgrade to torch >= {need}: "
-            "pip install -r requirements.txt"
-        )
 
 
 def read_input_file(path, what, hint=""):
@@ -85,10 +66,12 @@ def read_input_file(path, what, hint=""):
         os.close(fd)
 
 
-def _unpickle(data, allowed, path, what, encoding="ASCII"):
-    """The object in data through the restricted unpickler; every way a file can fail is one UserError line."""
+def _unpickle(data, allowed_within, path, what, encoding="ASCII"):
+    """The object in data through the restricted unpickler, allowed the globals allowed_within(budget)
+    gives, within a Budget of the file's size; every way a file can fail is one UserError line."""
+    budget = Budget(len(data), what)
     try:
-        return RestrictedUnpickler(io.BytesIO(data), allowed, what, len(data), encoding=encoding).load()
+        return RestrictedUnpickler(io.BytesIO(data), allowed_within(budget), budget, encoding=encoding).load()
     except UnsafeFile as e:
         raise UserError(f"{path}: refused: {e}") from None
     except RecursionError:
@@ -100,15 +83,15 @@ def _unpickle(data, allowed, path, what, encoding="ASCII"):
 def read_pickle(path, what, hint=""):
     """The object in a pickle.dump() of course data, loaded without running code from it.
 
-    Memory stays bounded by the file: decoded bytes, tensor and array data and tensor objects
-    may each total at most the file's size. numpy arrays come back as PickledArray (.array),
+    What it makes the loader do and hold stays bounded by the file's size (restricted_pickle.Budget,
+    docs/untrusted_files.md). numpy arrays come back as PickledArray (.array),
     a pickled MyDataset as PickledDataset (.the_list). Returns (object, the file's size in bytes).
     """
     data = read_input_file(path, what, hint)
     if data[:4] == ZIP_MAGIC:
         raise UserError(f"{path}: a torch.save() zip archive, not a course {what} pickle (a pickle.dump of a list "
                         "of (image, label) tuples)")
-    return _unpickle(data, data_pickle_globals(Budget(len(data))), path, f"course {what} pickle"), len(data)
+    return _unpickle(data, data_pickle_globals, path, f"course {what} pickle"), len(data)
 
 
 # ---------------------------------------------------------------------------
@@ -123,7 +106,7 @@ def read_cifar_batch(path):
     resolved, by stand-ins that accept plain arrays whose bytes match their shape.
     """
     data = read_input_file(path, "CIFAR-10 batch")
-    batch = _unpickle(data, numpy_globals(Budget(len(data))), path, "CIFAR-10 batch", encoding="bytes")
+    batch = _unpickle(data, numpy_globals, path, "CIFAR-10 batch", encoding="bytes")
     if not isinstance(batch, dict):
         raise UserError(f"{path}: not a CIFAR-10 batch (a pickled dict with data and labels), found {describe(batch)}")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -192,12 +175,22 @@ def _checked_zip(data, path, what):
     try:
         check_zip_pickle(pickled, lambda key: sizes.get(f"{folder}data/{key}"), what, len(data))
     except UnsafeFile as e:
-        raise UserError(f"{path}: refused: {e}") from None
+        raise _refusal(e, path, pickled) from None
     except RecursionError:
         raise UserError(f"{path}: refused: nested too deeply for a {what}") from None
     except Exception as e:  # a broken pickle fails in many ways; all mean the same
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle: {type(e).__name__})") from None
     return copy.getvalue()
+
+
+def _refusal(error, path, pickled):
+    """The one line for an UnsafeFile from a torch.save() file's pickle; for a whole pickled model
+    (torch.save(model, path), a common habit), what to save instead."""
+    if isinstance(error, UnknownGlobal) and looks_like_a_module(pickled):
+        return UserError(f"{path}: refused: it holds a whole pickled model ({clip(error.module)}.{clip(error.name)}), "
+                         "and loading one runs its code; save the weights instead, with "
+                         "torch.save(model.state_dict(), path) in the code that made it")
+    return UserError(f"{path}: refused: {error}")
 
 
 def _torch_load(data, path):
@@ -236,36 +229,21 @@ def read_torch_file(path, what):
     return _load_zip(data, path, what)
 
 
-def read_checkpoint(path, architectures):
-    """(state_dict, arch or None) from a checkpoint file, loaded without running code from it.
-
-    Accepts the course format {'model_state_dict': state}, an 'arch'-tagged dict, or a bare
-    state_dict; zip (torch >= 1.6) or legacy serialization. arch, when present, must be one
-    of architectures.
-    """
+def read_checkpoint(path):
+    """The object in a checkpoint file (zip, as torch >= 1.6 writes it, or legacy serialization), loaded
+    without running code from it. Where it keeps the weights is models.py's to find."""
     data = read_input_file(path, "checkpoint")
     if data[:4] == ZIP_MAGIC:
-        ckpt = _load_zip(data, path, "checkpoint")
-    else:
-        try:
-            ckpt = read_legacy_torch(data, checkpoint_globals(Budget(len(data))), "checkpoint")
-        except NotTorchFormat:
-            raise UserError(f"{path}: not a PyTorch checkpoint") from None
-        except UnsafeFile as e:
-            raise UserError(f"{path}: refused: {e}") from None
-        except Exception as e:  # broken bytes fail inside unpickling in many ways
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if isinstance(ckpt, dict) and "model_state_dict" in ckpt:
-        state, arch = ckpt["model_state_dict"], ckpt.get("arch")
-    else:
-        state, arch = ckpt, None
-    if not isinstance(state, dict) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise UserError(f"{path}: expected {{'model_state_dict': state_dict}} or a bare state_dict of tensors")
-    if arch is not None and (not isinstance(arch, str) or arch not in architectures):
-        raise UserError(f"{path}: unknown architecture {describe(arch)} (known: {', '.join(architectures)})")
-    return state, arch
+        return _load_zip(data, path, "checkpoint")
+    budget = Budget(len(data), "checkpoint")
+    try:
+        return read_legacy_torch(data, checkpoint_globals(budget), "checkpoint", budget)
+    except NotTorchFormat:
+        raise UserError(f"{path}: not a PyTorch checkpoint") from None
+    except UnsafeFile as e:
+        raise _refusal(e, path, data) from None
+    except Exception as e:  # broken bytes fail inside unpickling in many ways
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
 
 
 def _describe_mismatch(model, state):
@@ -280,7 +258,7 @@ def _describe_mismatch(model, state):
     parts = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
         if keys:
-            shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+            shown = ", ".join(map(clip, keys[:4])) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
             parts.append(f"{label}: {shown}")
     return "; ".join(parts)
 

@@ -217,7 +217,7 @@ DATA_CASES = {
     "MyDataset holding code as its transform": ("refers to posix.system", lambda m: course_dataset(
         GOOD, transform=Call(os.system, f"touch {m}"))),
     "another class": ("refers to", lambda m: OtherDataset(GOOD)),
-    "numpy float64 image": ("float64", lambda m: [(np.zeros((3, 32, 32)), 0)]),
+    "numpy float64 image (read as float32)": ("ok", lambda m: [(np.zeros((3, 32, 32)), 0)]),
     "numpy object array image": ("not a plain number type", lambda m: [(np.array([None, 1], dtype=object), 0)]),
     "numpy array claiming more than its bytes": ("holds 12,288 bytes", lambda m: oversized_array()),
     "numpy scalar label 2.0": ("label", lambda m: [(torch.zeros(3, 32, 32), np.float64(2.0))]),
@@ -280,7 +280,7 @@ DATA_CASES = {
     "numpy array with a dimension of 5,000 digits": ("invalid shape", lambda m: Raw(
         pickle.dumps([(np.zeros((3, 2, 7), np.float32), 0)], protocol=2).replace(
             b"K\x02K\x07", b"K\x02" + HUGE_LONG4, 1))),
-    "float64 image": ("float64", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float64), 0)]),
+    "float64 image (read as float32)": ("ok", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float64), 0)]),
     "float16 image": ("float16", lambda m: [(torch.zeros(3, 32, 32, dtype=torch.float16), 0)]),
     "NaN image": ("NaN", lambda m: [(torch.full((3, 32, 32), float("nan")), 0)]),
     "empty list": ("empty", lambda m: []),

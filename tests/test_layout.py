@@ -1,4 +1,5 @@
-"""The project's shape: the three scripts are leaves, and the shared modules never import them."""
+"""The project's shape: the three scripts are leaves, the shared modules never import them, and no
+module imports one that imports it back."""
 import ast
 
 import pytest
@@ -26,8 +27,36 @@ def test_no_module_imports_a_script(module):
     assert not imported, f"{module}.py imports the script(s) {sorted(imported)}; move what it needs to a shared module"
 
 
+def import_cycle():
+    """A list of modules each importing the next and the last the first, or None: a depth-first walk of
+    the graph of project modules, every import counted (lazy ones too)."""
+    graph = {m: sorted(imported_modules(ROOT / f"{m}.py") & set(MODULES) - {m}) for m in MODULES}
+    done, path = set(), []
+
+    def walk(module):
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        found = next(filter(None, map(walk, graph[module])), None)
+        path.pop()
+        done.add(module)
+        return found
+
+    return next(filter(None, map(walk, MODULES)), None)
+
+
+def test_no_module_imports_itself_back():
+    # Each module sits on its own floor: a circle (cli -> untrusted -> cli, say) means neither can be
+    # read, tested or imported without the other, and only a lazy import keeps it from failing.
+    cycle = import_cycle()
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
 def test_the_shared_modules_are_there():
     # What the scripts share lives in modules named for what they hold.
     assert {"cli", "dataset", "models", "metrics", "attacks", "images", "untrusted", "restricted_pickle",
+            "pickled_tensors", "pickled_data",
             "resume_state", "treatments", "label_repair", "lr_sweep", "explain", "gradient_masking",
             "adversarial_figures"} <= set(MODULES)
