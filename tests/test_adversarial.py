@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import adversarialExample as adv
 import attacks
-from conftest import run_script
+from conftest import run_script, softmax_by_hand
 from dataset import CLASSES, load_pickle
 from models import SimpleModel, predict
 
@@ -144,8 +144,12 @@ def test_script_writes_figures_and_json(briefly_trained, small_data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "attacked set" in result.stdout and "dev balanced" in result.stdout and "sanity:" in result.stdout
     report = json.loads((out / "adversarial.json").read_text())
-    clean = int((predict(model, x) == y).sum()) / len(y)
+    right = softmax_by_hand(model, x).argmax(1) == y
+    clean = int(right.sum()) / len(y)
     assert report["clean_accuracy"] == pytest.approx(clean)
+    # Only the correctly classified images are attacked.
+    assert report["attacked_images"] == int(right.sum())
+    assert all(right[e["dev_index"]] for e in report["examples"])
     for name in ("fgsm", "pgd"):
         rows = report["results"][name]
         assert [r["epsilon"] for r in rows] == [0, 0.03, 0.1]
