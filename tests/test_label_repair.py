@@ -1,4 +1,4 @@
-"""label_repair.py: the decision rule on hand-made probabilities, and repair on small real data."""
+"""label_repair.py: the decision rule on hand-made probabilities, and repair as shipped on the default data."""
 import json
 
 import pytest
@@ -67,35 +67,62 @@ def test_pair_summary_counts_every_flag_once():
 
 
 @pytest.fixture(scope="module")
-def small_repair(small_data, tmp_path_factory):
-    """Automatic repair on the small real set (40 of its 200 training cats labeled car, no other noise)."""
+def default_repair(default_data, tmp_path_factory):
+    """`trainer.py --fix-labels auto` as shipped (4 folds of SimpleModel, 8 epochs each, seed 0) on the
+    default data (600 of the 2,000 training cats labeled car), and the build's own list of them."""
     figures = tmp_path_factory.mktemp("repair")
-    images, given = load_pickle(small_data / "train.pickle")
-    args = trainer.parse_args(["--data", str(small_data / "train.pickle"), "--figures", str(figures), "--fix-labels", "auto",
-                               "--repair-epochs", "6"])
+    images, given = load_pickle(default_data / "train.pickle")
+    args = trainer.parse_args(["--data", str(default_data / "train.pickle"), "--figures", str(figures),
+                               "--fix-labels", "auto"])
     repaired, keep = label_repair.repair_labels(images, given, args, "cpu", trainer.fold_trainer(args, "cpu"))
-    manifest = json.loads((small_data / "manifest.json").read_text())
-    return given, repaired, keep, json.loads((figures / "label_issues.json").read_text()), manifest
+    manifest = json.loads((default_data / "manifest.json").read_text())
+    true = given.clone()
+    for entry in manifest["mislabeled"]:
+        true[entry["index"]] = CLASSES.index(entry["true"])
+    return given, true, repaired, keep, json.loads((figures / "label_issues.json").read_text())
 
 
-def test_repair_of_one_way_noise_never_relabels_another_way(small_repair):
-    given, repaired, keep, report, manifest = small_repair
+def test_repair_puts_the_planted_errors_right_at_the_precision_the_docs_claim(default_repair):
+    # README and docs/label_repair.md: "It puts 78-83 % of the planted errors right at 89-90 %
+    # precision"; 9 runs measured 0.887-0.904 precision, 0.783-0.828 recall, and 97.1-97.5 % of
+    # the labels right afterwards (90.6 % as given). Seeds 0-2 here: 0.896-0.908 and 0.793-0.815.
+    # The floors leave about two points for other machines' arithmetic.
+    given, true, repaired, keep, _ = default_repair
+    assert int((given != true).sum()) == 600
+    changed = repaired != given
+    right = changed & (repaired == true)
+    precision, recall = int(right.sum()) / max(1, int(changed.sum())), int(right.sum()) / 600
+    assert precision >= 0.87 and recall >= 0.76, (precision, recall)
+    assert float((repaired == true).float().mean()) >= 0.965
+    assert keep.all()  # relabel, not drop
+
+
+def test_repair_of_one_way_noise_acts_only_on_that_pair(default_repair):
+    # The only noise planted: cats labeled car. Any other relabel is a new error; the docs measured at
+    # most 4 (cat -> truck) per run, against 81 and 84 with the rule before the prior check.
+    given, true, repaired, _, _ = default_repair
     changed = (repaired != given).nonzero().flatten().tolist()
-    pairs = {(CLASSES[given[i]], CLASSES[repaired[i]]) for i in changed}
-    assert pairs <= {("car", "cat")}, pairs  # the only noise planted: cats labeled car
-    assert keep.all()
-    planted = {entry["index"] for entry in manifest["mislabeled"]}
-    assert len(set(changed) & planted) >= len(changed) / 2  # most of what it changed was planted noise
+    pairs = {}
+    for i in changed:
+        pair = (CLASSES[given[i]], CLASSES[repaired[i]])
+        pairs[pair] = pairs.get(pair, 0) + 1
+    assert pairs.get(("car", "cat"), 0) >= 450, pairs
+    assert sum(n for pair, n in pairs.items() if pair != ("car", "cat")) <= 10, pairs
+    # What it changed is the build's planted noise, with few exceptions: cats labeled car.
+    assert sum(int(true[i]) == CLASSES.index("cat") for i in changed) >= 0.87 * len(changed)
 
 
-def test_the_reports_per_pair_counts_are_the_relabels_applied(small_repair):
-    given, repaired, _, report, _ = small_repair
+def test_the_reports_per_pair_counts_are_the_relabels_applied(default_repair):
+    given, _, repaired, _, report = default_repair
     applied = {}
     for i in (repaired != given).nonzero().flatten().tolist():
         name = f"{CLASSES[given[i]]}->{CLASSES[repaired[i]]}"
         applied[name] = applied.get(name, 0) + 1
-    assert {name: p["acted_on"] for name, p in report["pairs"].items() if p["acted_on"]} == applied
+    assert applied and {name: p["acted_on"] for name, p in report["pairs"].items() if p["acted_on"]} == applied
     assert report["acted_on"] == sum(applied.values()) == sum(issue["acted"] for issue in report["issues"])
     assert sum(p["flagged"] for p in report["pairs"].values()) == report["flagged"] == len(report["issues"])
+    acted = {issue["index"]: issue["suggested"] for issue in report["issues"] if issue["acted"]}
+    assert acted == {i: CLASSES[repaired[i]] for i in (repaired != given).nonzero().flatten().tolist()}
     for issue in report["issues"]:
         assert issue["acted"] == ("kept_because" not in issue)
+        assert issue["given"] == CLASSES[given[issue["index"]]]
