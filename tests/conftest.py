@@ -181,6 +181,20 @@ def softmax_by_hand(model, images, flip=False):
     return probs
 
 
+def fgsm_by_hand(model, images, labels, epsilon, target=None):
+    """FGSM written out: one step of 2ε (ε on the [0, 1] scale, images in [-1, 1]) along the sign of
+    the summed loss's input gradient (down the target's loss when targeted), clamped to [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    x = images.clone().requires_grad_(True)
+    goal = labels if target is None else torch.full_like(labels, target)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), goal, reduction="sum"), x)
+    step = grad.sign() if target is None else -grad.sign()
+    return (images + 2 * epsilon * step).clamp(-1, 1)
+
+
 TrainedModel = collections.namedtuple("TrainedModel", "model checkpoint dev_x dev_y")
 
 

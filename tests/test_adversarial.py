@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import adversarialExample as adv
 import attacks
-from conftest import run_script, softmax_by_hand
+from conftest import fgsm_by_hand, run_script, softmax_by_hand
 from dataset import CLASSES, load_pickle
 from models import SimpleModel, predict
 
@@ -150,11 +150,19 @@ def test_script_writes_figures_and_json(briefly_trained, small_data, tmp_path):
     # Only the correctly classified images are attacked.
     assert report["attacked_images"] == int(right.sum())
     assert all(right[e["dev_index"]] for e in report["examples"])
-    for name in ("fgsm", "pgd"):
+    printed = {tuple(cell.strip() for cell in line.split("|")) for line in result.stdout.splitlines()
+               if line.count("|") == 4}
+    for name, title in (("fgsm", "FGSM"), ("pgd", "PGD-3")):
         rows = report["results"][name]
         assert [r["epsilon"] for r in rows] == [0, 0.03, 0.1]
         assert rows[0]["accuracy_dev"] == pytest.approx(clean)
         assert sum(sum(c.values()) for c in rows[1]["flips"].values()) == report["attacked_images"]
+        for r in rows:  # the table shows the JSON's numbers, each in its column
+            assert (f"{r['epsilon']:g}", title, *(f"{100 * r[k]:.1f}%" for k in
+                    ("accuracy_attacked", "accuracy_dev", "balanced_dev"))) in printed, (name, r["epsilon"])
+    for r in report["results"]["fgsm"]:  # FGSM's numbers are FGSM's, written out in conftest
+        still = softmax_by_hand(model, fgsm_by_hand(model, x[right], y[right], r["epsilon"])).argmax(1) == y[right]
+        assert r["accuracy_attacked_this_epsilon"] == pytest.approx(float(still.float().mean()), abs=1.5 / len(still))
     assert len(report["examples"]) == 3
     assert sorted(e["true"] for e in report["examples"]) == sorted(CLASSES)
     pngs = [out / "fgsm_accuracy.png", out / "adversarial" / "overview.png"]
