@@ -57,6 +57,22 @@ def test_the_balanced_prior_cannot_relabel_into_the_rare_class():
     assert set(why) <= {"", label_repair.KEPT_TWO_WAY, label_repair.KEPT_PRIOR}
 
 
+def test_a_confusion_both_ways_is_kept_even_where_both_priors_agree():
+    # 600 cars, 300 trucks and 300 cats; 60 cars look like trucks and 60 trucks like cars, and under
+    # either prior the suggestion is the other class: a model's two-way confusion, not label noise.
+    g = torch.Generator().manual_seed(1)
+    groups = [((0.90, 0.05, 0.05), CAR, 540), ((0.15, 0.80, 0.05), CAR, 60), ((0.05, 0.90, 0.05), TRUCK, 240),
+              ((0.80, 0.15, 0.05), TRUCK, 60), ((0.05, 0.05, 0.90), CAT, 300)]
+    q = torch.cat([(torch.tensor(m).log() + 0.3 * torch.randn(n, 3, generator=g)).softmax(1) for m, _, n in groups])
+    labels = torch.cat([torch.full((n,), label) for _, label, n in groups])
+    issues, suggested, _, act, why = label_repair.find_label_repairs(labels, balanced_view(q, labels))
+    confused = {*range(540, 600), *range(840, 900)}
+    flagged = [k for k, i in enumerate(issues.tolist()) if i in confused]
+    assert len(flagged) >= 60  # cleanlab flags most of them ...
+    assert not act[flagged].any() and {why[k] for k in flagged} == {label_repair.KEPT_TWO_WAY}  # ... none is acted on
+    assert label_repair.find_label_repairs(labels, balanced_view(q, labels), pairs="all")[3][flagged].all()
+
+
 def test_pair_summary_counts_every_flag_once():
     summary = label_repair.pair_summary([0, 0, 0, 2], [2, 2, 1, 1], ["", label_repair.KEPT_PRIOR, label_repair.KEPT_TWO_WAY, ""])
     assert summary == {
@@ -64,6 +80,39 @@ def test_pair_summary_counts_every_flag_once():
         "car->truck": {"flagged": 1, "acted_on": 0, "kept": {label_repair.KEPT_TWO_WAY: 1}},
         "cat->truck": {"flagged": 1, "acted_on": 1, "kept": {}},
     }
+
+
+class FoldRecorder(torch.nn.Module):
+    """A stand-in fold model: remembers which images it trained on and which it was asked to predict
+    (image i is filled with i / 100), and answers class i % 3 for image i."""
+
+    def __init__(self, trained):
+        super().__init__()
+        self.trained, self.predicted = set(trained), set()
+
+    def forward(self, x):
+        ids = (x[:, 0, 0, 0] * 100).round().long()
+        self.predicted |= set(ids.tolist())
+        return torch.nn.functional.one_hot(ids % 3, 3).float() * 10
+
+
+def test_every_image_is_predicted_by_a_fold_model_that_never_saw_it():
+    # README: "4-fold cross-validation gives every training image a prediction from a model that never saw it".
+    n = 80
+    images = (torch.arange(n).float() / 100)[:, None, None, None].expand(n, 3, 32, 32).contiguous()
+    labels = torch.tensor([0, 1, 2, 0] * (n // 4))
+    folds = []
+
+    def train_fold(fold_images, fold_labels, name):
+        folds.append(FoldRecorder((fold_images[:, 0, 0, 0] * 100).round().long().tolist()))
+        return folds[-1]
+
+    probs = label_repair.out_of_fold_probabilities(images, labels, 4, 0, train_fold, "cpu")
+    assert len(folds) == 4
+    for fold in folds:
+        assert len(fold.trained) == 60 and len(fold.predicted) == 20 and not fold.trained & fold.predicted
+    assert sorted(i for fold in folds for i in fold.predicted) == list(range(n))  # each image once
+    assert probs.argmax(1).tolist() == [i % 3 for i in range(n)]  # each image's own prediction, in its row
 
 
 @pytest.fixture(scope="module")

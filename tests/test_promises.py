@@ -333,7 +333,6 @@ def _record_opens(event, args):
         opened.append(Path(args[0].decode() if isinstance(args[0], bytes) else args[0]).name)
 
 
-sys.addaudithook(_record_opens)  # audit hooks cannot be removed: this one records only while a test asks
 
 
 def manifest_names(path):
@@ -370,6 +369,9 @@ def test_no_training_code_reads_the_manifest(small_data, tmp_path, monkeypatch):
             assert places == [], f"{module.name} names the manifest in {places}"
     # In a run: training with label repair on data whose manifest lies beside it opens it never.
     assert (small_data / "manifest.json").is_file()
+    if not getattr(_record_opens, "installed", False):  # a hook cannot be removed: idle unless a test asks
+        sys.addaudithook(_record_opens)
+        _record_opens.installed = True
     opened[:] = ["(recording)"]
     try:
         (small_data / "manifest.json").read_text()  # the recorder sees a read ...
