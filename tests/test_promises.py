@@ -31,6 +31,15 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small models: on a busy 2-core machine a second OpenMP thread waiting for a core costs more than it gives.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------
 # Every script with its defaults in a project folder: what it writes and prints
 

@@ -5,6 +5,9 @@ import math
 import pytest
 import torch
 
+import adversarialExample as adv
+import models
+import tester
 import trainer
 from images import from_unit, to_unit
 from models import SimpleModel
@@ -34,6 +37,37 @@ def test_model_best_recipe_is_the_whitened_network_for_15_epochs_with_cutmix():
     assert (args.arch, args.epochs, args.mix) == ("whitened", 15, "cutmix")
     # Flags still win over a recipe's values.
     assert trainer.parse_args(["--model", "best", "--epochs", "3", "--lr", "0.01"]).epochs == 3
+
+
+def test_the_other_documented_defaults():
+    # docs/imbalance_study.md: --model resnet8 is "SGD + Nesterov, weight decay 5e-4, one-cycle to lr
+    # 0.05, batch 64, 30 epochs".
+    resnet = trainer.parse_args(["--model", "resnet8"])
+    assert (resnet.arch, resnet.optimizer, resnet.weight_decay, resnet.lr, resnet.batch_size, resnet.epochs,
+            resnet.schedule) == ("resnet8", "sgd", 5e-4, 0.05, 64, 30, "onecycle")
+    optimizer, _ = trainer.make_optimizer(models.ResNet8(), resnet, 10)
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] > 0
+    # Label repair (README, docs/label_repair.md): 4 folds of SimpleModel, 8 epochs a fold; --repair-model
+    # best: 10 epochs a fold; relabel, one-way pairs only.
+    repair = trainer.parse_args(["--fix-labels", "auto"])
+    assert (repair.repair_folds, repair.repair_model, repair.repair_epochs, repair.repair_action,
+            repair.repair_pairs) == (4, "simple", 8, "relabel", "directional")
+    assert trainer.parse_args(["--fix-labels", "auto", "--repair-model", "best"]).repair_epochs == 10
+    # Adversarial training (docs/robustness.md): ε 8/255, 7 PGD steps, 256 dev images scored each epoch.
+    adversarial = trainer.parse_args(["--adversarial", "fgsm-rs"])
+    assert (adversarial.adv_epsilon, adversarial.adv_steps, adversarial.robust_eval) == (pytest.approx(8 / 255), 7, 256)
+    # adversarialExample.py (README): FGSM on checkpoints/trained.ckpt and dev data at the table's 8 ε,
+    # PGD-10 with --attack pgd, one start unless --restarts; 0.03 for the drawn examples.
+    attack = adv.parse_args([])
+    assert (attack.checkpoint, attack.data, attack.attack, attack.steps, attack.restarts, attack.random_start,
+            attack.step_size, attack.target) == ("checkpoints/trained.ckpt", "data/dev.pickle", "fgsm", 10, 1, False,
+                                                  None, None)
+    assert attack.epsilons == [0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3] and attack.example_epsilon == 0.03
+    # tester.py (README, docs/mistakes.md): the shipped model on dev, no TTA, the 24 highest-loss mistakes.
+    test = tester.parse_args([])
+    assert (test.checkpoint, test.data, test.tta, test.explain, test.out) == (
+        "checkpoints/pre_trained.ckpt", "data/dev.pickle", "none", False, "figures")
+    assert (test.mistakes if test.mistakes is not None else tester.DEFAULT_MISTAKES) == 24
 
 
 def one_cycle_by_hand(step, total, peak, warmup_share=0.15, start_div=25.0, final_div=1e4):
