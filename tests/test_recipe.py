@@ -1,11 +1,13 @@
 """The default recipe the README promises, pinned: its settings, its schedule, and the bounds of its
 augmentation, each measured against an oracle written here rather than read from trainer.py."""
+import json
 import math
 
 import pytest
 import torch
 
 import adversarialExample as adv
+import lr_sweep
 import models
 import tester
 import trainer
@@ -228,3 +230,32 @@ def test_augmentation_rotation_shift_and_flip_stay_within_their_bounds_and_reach
     assert share.max() <= 0.103, share.max()
     assert share[:, 0].max() > 0.097 and share[:, 1].max() > 0.097, share.max(0)
     assert (share > 0.05).float().mean() > 0.4  # uniform over ±10 % on each axis
+
+
+# ---------------------------------------------------------------------------
+# The learning-rate study: "a run whose loss becomes NaN or explodes past 10x its first value is
+# marked diverged at the step it happened" (lr_sweep.py's contract, the README's "0.1 and 1 diverge")
+
+
+def test_lr_sweep_marks_a_run_diverged_where_its_loss_explodes_or_stops_being_finite(tmp_path, capsys):
+    scripts = {1e-3: [2.0, 1.8, 1.5, 1.2, 1.0, 0.9],  # learns
+               0.1: [2.0, 3.0, 19.0, 21.0, 4.0, 2.0],  # past 10x the first loss at step 4, then back: diverged
+               1.0: [2.0, 2.5]}  # then a NaN at step 3
+
+    def start_run(lr):
+        def run(losses, max_steps):
+            for value in scripts[lr][:max_steps]:
+                losses.append(value)
+            if lr == 1.0:
+                raise FloatingPointError("loss became nan")
+        return run
+
+    results = {r["lr"]: r for r in lr_sweep.lr_sweep(list(scripts), 6, start_run, tmp_path)}
+    assert json.loads((tmp_path / "lr_sweep.json").read_text()) == list(results.values())
+    assert not results[1e-3]["diverged"] and results[1e-3]["losses"] == scripts[1e-3]
+    assert results[1e-3]["final_loss"] == pytest.approx(sum(scripts[1e-3]) / 6)
+    assert results[0.1]["diverged"] and results[0.1]["losses"] == [2.0, 3.0, 19.0, 21.0]
+    assert results[0.1]["why"] == "loss exploded to 21 at step 4"
+    assert results[1.0]["diverged"] and results[1.0]["why"] == "loss became NaN or infinite at step 3"
+    printed = capsys.readouterr().out
+    assert "lr 0.1      diverged: loss exploded to 21 at step 4" in printed and "lr 0.001    final loss 1.400" in printed
