@@ -200,6 +200,9 @@ DEFECTS = [
            "order = errors[np.lexsort((errors, loss[errors]))][:k]", ["tests/test_metrics.py"]),
     defect("mistakes-default-20", "tester.py", "DEFAULT_MISTAKES = 24", "DEFAULT_MISTAKES = 20",
            ["tests/test_tester.py", "-k", "confused"]),
+    defect("initialization-seed-changed", "trainer.py", 'seeded(args.seed, salt, "init")',
+           'seeded(args.seed + 1, salt, "init")', ["tests/test_promises.py", "-k", "shipped_model_is"],
+           why="the same command no longer reproduces the shipped model"),
     # --- photos, Grad-CAM, the learning-rate study, the command line
     defect("photo-crop-not-centred", "images.py", "left, top = (width - side) // 2, (height - side) // 2",
            "left, top = 0, 0", ["tests/test_own_photos.py", "-k", "aspect_ratio or exif"],
