@@ -162,6 +162,19 @@ def default_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (pytestmark = pytest.mark.usefixtures("one_thread")):
+    their models are small, and on a busy 2-core machine a second OpenMP thread that spins while
+    waiting for a core made test_adversarial.py several times slower (34 s vs 5 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def softmax_by_hand(model, images, flip=False):
     """The class probabilities tester.py should report, computed here without models.predict:
     the softmax of the model's logits in eval mode, or with flip=True the mean of that softmax and

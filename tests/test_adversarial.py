@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import adversarialExample as adv
 import attacks
 from conftest import fgsm_by_hand, run_script, softmax_by_hand
-from dataset import CLASSES, load_pickle
-from models import SimpleModel, predict
+from dataset import CLASSES
+from models import predict
 
 CAT = CLASSES.index("cat")
 # One thread: these models are tiny, and on a busy 2-core machine a second OpenMP thread
@@ -19,12 +19,7 @@ CAT = CLASSES.index("cat")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, one thread
 
 
 def tiny_model():

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import adversarialExample as adv
@@ -30,14 +29,7 @@ PRETRAINED = ROOT / "checkpoints" / "pre_trained.ckpt"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small models: on a busy 2-core machine a second OpenMP thread waiting for a core costs more than it gives.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, one thread
 
 
 # ---------------------------------------------------------------------------
