@@ -131,10 +131,10 @@ DEFECTS = [
     # --- attacks
     defect("fgsm-sign-flipped", "attacks.py", "delta = (delta + step * sign * grad.sign()).clamp(-radius, radius)",
            "delta = (delta - step * sign * grad.sign()).clamp(-radius, radius)",
-           ["tests/test_adversarial.py", "-k", "not script and not bad_input"]),
+           ["tests/test_adversarial.py", "-k", "not script and not missing_checkpoint"]),
     defect("epsilon-not-scaled", "attacks.py",
            "EPS_SCALE = float(from_unit(torch.tensor(1.0)) - from_unit(torch.tensor(0.0)))", "EPS_SCALE = 1.0",
-           ["tests/test_adversarial.py", "-k", "not script and not bad_input"]),
+           ["tests/test_adversarial.py", "-k", "not script and not missing_checkpoint"]),
     defect("pgd-no-projection", "attacks.py", "delta = (delta + step * sign * grad.sign()).clamp(-radius, radius)",
            "delta = delta + step * sign * grad.sign()", ["tests/test_adversarial.py", "-k", "pgd"]),
     defect("attack-no-clamp", "attacks.py", "delta = (x + delta).clamp(-1, 1) - x\n    return x + delta",
