@@ -103,7 +103,7 @@ def plot_accuracy(summary, path, target=None, titles=None):
         if target is None:
             ax.plot(eps, [100 * r["accuracy_attacked"] for r in rows], style, color=colour,
                     label=f"{label}: attacked set")
-            ax.plot(eps, [100 * r["balanced_dev"] for r in rows], style.replace("-", ":"), color=colour,
+            ax.plot(eps, [100 * r["balanced_dev"] for r in rows], style.rstrip("-:") + ":", color=colour,
                     alpha=0.6, label=f"{label}: dev, balanced")
         else:
             ax.plot(eps, [100 * r["accuracy_attacked"] for r in rows], style, color=colour,

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import adversarialExample as adv
 import attacks
-from conftest import run_script
-from dataset import CLASSES, load_pickle
-from models import SimpleModel, predict
+from conftest import fgsm_by_hand, run_script, softmax_by_hand
+from dataset import CLASSES
+from models import predict
 
 CAT = CLASSES.index("cat")
 # One thread: these models are tiny, and on a busy 2-core machine a second OpenMP thread
@@ -19,12 +19,7 @@ CAT = CLASSES.index("cat")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, one thread
 
 
 def tiny_model():
@@ -100,28 +95,7 @@ def test_choose_examples_is_seeded_covers_classes_and_prefers_fooled():
 
 
 # ---------------------------------------------------------------------------
-# A real (briefly) trained model on small CIFAR-10 data
-
-
-@pytest.fixture(scope="module")
-def trained(small_data, tmp_path_factory):
-    """SimpleModel trained for 250 class-balanced Adam steps; its checkpoint and the dev set."""
-    torch.manual_seed(0)
-    x, y = load_pickle(small_data / "train.pickle")
-    weights = (1.0 / torch.bincount(y, minlength=len(CLASSES)).float())[y]
-    model = SimpleModel()
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(250):
-        batch = torch.multinomial(weights, 64, replacement=True)
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    ckpt = tmp_path_factory.mktemp("adv") / "trained.ckpt"
-    model.save(ckpt)
-    dev_x, dev_y = load_pickle(small_data / "dev.pickle")
-    return model, ckpt, dev_x, dev_y
+# A real (briefly) trained model on small CIFAR-10 data: conftest's briefly_trained
 
 
 def _attacks(steps=10):
@@ -129,8 +103,8 @@ def _attacks(steps=10):
     return {"fgsm": attacks.fgsm_perturb, "pgd": pgd}
 
 
-def test_epsilon_zero_gives_clean_accuracy_and_pgd_is_not_weaker(trained):
-    model, _, x, y = trained
+def test_epsilon_zero_gives_clean_accuracy_and_pgd_is_not_weaker(briefly_trained):
+    model, _, x, y = briefly_trained
     clean = int((predict(model, x) == y).sum()) / len(y)
     assert clean > 0.5  # the model did learn: the attack has something to break
     summary, _ = adv.evaluate(model, _attacks(), x, y, [0.0, 0.01, 0.03], 100, "cpu", progress=False)
@@ -143,8 +117,8 @@ def test_epsilon_zero_gives_clean_accuracy_and_pgd_is_not_weaker(trained):
     assert summary["results"]["fgsm"][-1]["accuracy_attacked"] < 0.9  # eps 0.03 does hurt
 
 
-def test_targeted_attack_raises_target_probability(trained):
-    model, _, x, y = trained
+def test_targeted_attack_raises_target_probability(briefly_trained):
+    model, _, x, y = briefly_trained
     keep = (predict(model, x) == y) & (y != CAT)
     x, y = x[keep], y[keep]
     before = predict(model, x, probabilities=True)[:, CAT]
@@ -154,8 +128,8 @@ def test_targeted_attack_raises_target_probability(trained):
         assert (after > before).float().mean() > 0.9
 
 
-def test_script_writes_figures_and_json(trained, small_data, tmp_path):
-    model, ckpt, x, y = trained
+def test_script_writes_figures_and_json(briefly_trained, small_data, tmp_path):
+    model, ckpt, x, y = briefly_trained
     out = tmp_path / "figs"
     result = run_script(
         "adversarialExample.py", "--checkpoint", ckpt, "--data", small_data / "dev.pickle", "--out", out,
@@ -165,13 +139,25 @@ def test_script_writes_figures_and_json(trained, small_data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "attacked set" in result.stdout and "dev balanced" in result.stdout and "sanity:" in result.stdout
     report = json.loads((out / "adversarial.json").read_text())
-    clean = int((predict(model, x) == y).sum()) / len(y)
+    right = softmax_by_hand(model, x).argmax(1) == y
+    clean = int(right.sum()) / len(y)
     assert report["clean_accuracy"] == pytest.approx(clean)
-    for name in ("fgsm", "pgd"):
+    # Only the correctly classified images are attacked.
+    assert report["attacked_images"] == int(right.sum())
+    assert all(right[e["dev_index"]] for e in report["examples"])
+    printed = {tuple(cell.strip() for cell in line.split("|")) for line in result.stdout.splitlines()
+               if line.count("|") == 4}
+    for name, title in (("fgsm", "FGSM"), ("pgd", "PGD-3")):
         rows = report["results"][name]
         assert [r["epsilon"] for r in rows] == [0, 0.03, 0.1]
         assert rows[0]["accuracy_dev"] == pytest.approx(clean)
         assert sum(sum(c.values()) for c in rows[1]["flips"].values()) == report["attacked_images"]
+        for r in rows:  # the table shows the JSON's numbers, each in its column
+            assert (f"{r['epsilon']:g}", title, *(f"{100 * r[k]:.1f}%" for k in
+                    ("accuracy_attacked", "accuracy_dev", "balanced_dev"))) in printed, (name, r["epsilon"])
+    for r in report["results"]["fgsm"]:  # FGSM's numbers are FGSM's, written out in conftest
+        still = softmax_by_hand(model, fgsm_by_hand(model, x[right], y[right], r["epsilon"])).argmax(1) == y[right]
+        assert r["accuracy_attacked_this_epsilon"] == pytest.approx(float(still.float().mean()), abs=1.5 / len(still))
     assert len(report["examples"]) == 3
     assert sorted(e["true"] for e in report["examples"]) == sorted(CLASSES)
     pngs = [out / "fgsm_accuracy.png", out / "adversarial" / "overview.png"]
@@ -181,18 +167,11 @@ def test_script_writes_figures_and_json(trained, small_data, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--epsilons", "0", "-0.1"], "[0, 1]"),
-        (["--epsilons", "1.5"], "[0, 1]"),
-        (["--checkpoint", "nowhere/missing.ckpt"], "trainer.py"),
-        ([], "trainer.py"),  # default checkpoints/trained.ckpt absent in a fresh folder
-    ],
-)
-def test_bad_input_is_one_clear_line(args, message, tmp_path):
+@pytest.mark.parametrize("args, path", [(["--checkpoint", "nowhere/missing.ckpt"], "nowhere/missing.ckpt"),
+                                        ([], "checkpoints/trained.ckpt")])  # the default, absent in a fresh folder
+def test_a_missing_checkpoint_is_one_clear_line(args, path, tmp_path):
+    # Bad flag values (--epsilons outside [0, 1], ...): test_hostile_inputs.py's FLAG_CASES.
     result = run_script("adversarialExample.py", *args, cwd=tmp_path, timeout=120, env=ONE_THREAD)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert message in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == (f"adversarialExample.py: error: {path}: no such checkpoint; train one with "
+                             "`python trainer.py` or pass --checkpoint PATH\n")

@@ -60,3 +60,13 @@ def test_the_shared_modules_are_there():
             "pickled_tensors", "pickled_data",
             "resume_state", "treatments", "label_repair", "lr_sweep", "explain", "gradient_masking",
             "adversarial_figures"} <= set(MODULES)
+
+
+def test_no_dict_literal_names_a_key_twice():
+    # {"case": a, ..., "case": b} keeps b silently: a table of test cases would lose one without a word.
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Dict):
+                keys = [ast.literal_eval(k) for k in node.keys if isinstance(k, ast.Constant)]
+                twice = sorted({repr(k) for k in keys if keys.count(k) > 1})
+                assert not twice, f"{path.name}:{node.lineno}: the dict literal names {', '.join(twice)} twice"

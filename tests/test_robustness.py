@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import adversarialExample as adv
 import gradient_masking
@@ -18,12 +17,7 @@ from models import SimpleModel, load_model
 EPS = 8 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models, one thread
 
 
 def training_attack(model, x, y, method, generator):
@@ -198,23 +192,6 @@ class Rounds(nn.Module):
         return self.inner(torch.round(x * 4) / 4)
 
 
-@pytest.fixture(scope="module")
-def briefly_trained(small_data):
-    torch.manual_seed(0)
-    x, y = load_pickle(small_data / "train.pickle")
-    weights = (1.0 / torch.bincount(y, minlength=3).float())[y]
-    model = SimpleModel()
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(250):
-        pick = torch.multinomial(weights, 64, replacement=True)
-        loss = F.cross_entropy(model(x[pick]), y[pick])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    dev_x, dev_y = load_pickle(small_data / "dev.pickle")
-    return model.eval(), dev_x, dev_y
-
-
 def pgd(restarts=1, steps=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (lambda m, x, y, e, target=None: attacks.pgd_perturb(m, x, y, e, steps=steps, random_start=True, generator=g,
@@ -222,7 +199,7 @@ def pgd(restarts=1, steps=10, seed=0):
 
 
 def test_sanity_check_fires_on_a_masked_model_and_not_on_a_plain_one(briefly_trained):
-    model, x, y = briefly_trained
+    model, _, x, y = briefly_trained
     titles = {"fgsm": "FGSM", "pgd": "PGD-10", "transfer": "transfer"}
     chosen = {"fgsm": attacks.fgsm_perturb, "pgd": pgd()}
     eps = [0, 2 / 255, 8 / 255, 0.3]
@@ -240,7 +217,7 @@ def test_sanity_check_fires_on_a_masked_model_and_not_on_a_plain_one(briefly_tra
 
 
 def test_sweep_never_rises_with_epsilon_and_restarts_are_never_weaker(briefly_trained):
-    model, x, y = briefly_trained
+    model, _, x, y = briefly_trained
     eps = [0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
     one, _ = adv.evaluate(model, {"pgd": pgd(1, steps=3)}, x, y, eps, 250, "cpu", progress=False)
     five, _ = adv.evaluate(model, {"pgd": pgd(5, steps=3)}, x, y, eps, 250, "cpu", progress=False)
@@ -250,12 +227,16 @@ def test_sweep_never_rises_with_epsilon_and_restarts_are_never_weaker(briefly_tr
         assert all(r["accuracy_attacked"] <= r["accuracy_attacked_this_epsilon"] for r in rows)
     for a, b in zip(one["results"]["pgd"], five["results"]["pgd"]):
         assert b["accuracy_attacked_this_epsilon"] <= a["accuracy_attacked_this_epsilon"] + 1e-9
+    # ... and the restarts do run: from five random starts PGD breaks images one start missed
+    # (2 of 153 with these seeds; without restarts the two sweeps are identical).
+    assert sum(a["accuracy_attacked_this_epsilon"] - b["accuracy_attacked_this_epsilon"]
+               for a, b in zip(one["results"]["pgd"], five["results"]["pgd"])) > 0
     assert five["results"]["pgd"][2]["accuracy_attacked"] < 1.0
 
 
 def test_attacks_agree_with_torchattacks(briefly_trained):
     import torchattacks  # requirements-dev.txt
-    model, x, y = briefly_trained
+    model, _, x, y = briefly_trained
     pixels = to_unit(x)
     on_pixels = nn.Sequential(Lambda(from_unit), model).eval()  # the library works on [0, 1] images
     ours = to_unit(attacks.fgsm_perturb(model, x, y, EPS))

@@ -170,10 +170,13 @@ def test_one_epoch_with_repair_writes_course_checkpoint_and_reports(small_data, 
     for name in ("training_curves.png", "label_issues.png", "label_issues.json", "training.json"):
         assert (tmp_path / "fig" / name).stat().st_size > 0, name
     assert "balanced accuracy" in result.stdout
-    # tester.py reads what trainer.py wrote.
+    # tester.py reads what trainer.py wrote, and scores it as the training run did.
     tested = run_script("tester.py", "--checkpoint", tmp_path / "m.ckpt", "--data", small_data / "dev.pickle",
                         "--out", tmp_path / "fig", cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr
+    scored = json.loads((tmp_path / "fig" / "metrics_m.json").read_text())
+    final = json.loads((tmp_path / "fig" / "training.json").read_text())["final_dev"]
+    assert {k: scored[k] for k in final} == final
 
 
 def wait_for(path, timeout=120):

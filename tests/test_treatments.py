@@ -125,13 +125,6 @@ def test_validation_split_is_stratified_seeded_and_disjoint():
     assert len(treatments.validation_split(labels, 0.0, torch.Generator().manual_seed(0))[1]) == 0
 
 
-def test_treatment_flags_are_checked():
-    for argv in (["--ema", "1"], ["--tau", "-1"], ["--mix-alpha", "0"], ["--val-fraction", "0.7"],
-                 ["--select", "best-val"], ["--drw-start", "5", "--sampler", "none"]):
-        with pytest.raises(SystemExit):
-            args_for(*argv)
-
-
 def test_model_best_resolves_to_a_registered_architecture():
     args = args_for("--model", "best")
     assert args.model == "best" and args.arch == WhitenedCNN.arch
@@ -180,7 +173,8 @@ def test_model_best_round_trips_through_tester_and_adversarial_example(small_dat
     model = load_model(tmp_path / "m.ckpt")
     assert isinstance(model, WhitenedCNN) and model.whiten.weight.abs().sum() > 0  # whitening saved
     summary = json.loads((tmp_path / "fig" / "training.json").read_text())
-    assert all(h["val"] is not None for h in summary["history"]) and summary["selected_epoch"] in (1, 2)
+    val = [h["val"]["balanced_accuracy"] for h in summary["history"]]
+    assert summary["selected_epoch"] == val.index(max(val)) + 1  # the best recorded (test_promises: in depth)
     # Log lines, not bar redraws, when stderr is not a terminal: one line per epoch.
     assert "\r" not in result.stderr
     assert sum(line.startswith("epoch ") for line in result.stderr.splitlines()) == 2
@@ -193,6 +187,9 @@ def test_model_best_round_trips_through_tester_and_adversarial_example(small_dat
                           small_data / "dev.pickle", "--epsilons", "0", "0.03", "--examples", "1",
                           "--out", tmp_path / "adv", cwd=tmp_path)
     assert attacked.returncode == 0, attacked.stderr
+    report = json.loads((tmp_path / "adv" / "adversarial.json").read_text())
+    assert report["clean_accuracy"] == pytest.approx(metrics["accuracy"])  # the same model, read the same way
+    assert report["results"]["fgsm"][1]["accuracy_attacked"] < 1 and len(report["examples"]) == 1
 
 
 def test_repair_model_best_runs_its_fold_models(small_data, tmp_path):
@@ -267,7 +264,6 @@ def test_whitened_model_saves_and_loads_in_place_like_the_course_models(tmp_path
         assert torch.equal(value, other.state_dict()[key]), key
 
 
-def test_drw_start_after_the_last_epoch_is_refused():
-    with pytest.raises(SystemExit):
-        args_for("--drw-start", "61")
+def test_drw_start_at_the_last_epoch_is_accepted():
+    # Refusing 61 and other bad treatment flags: test_hostile_inputs.py's FLAG_CASES, one line naming the flag.
     assert args_for("--drw-start", "60").drw_start == 60
