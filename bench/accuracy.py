@@ -57,6 +57,9 @@ CONFIGS = {
     "best-la-no-sampler": (["--model", "best", "--sampler", "none", "--loss", "logit-adjusted", "--tau", "1"],
                            "--model best with logit adjustment (tau 1) instead of the sampler"),
     "best-25-epochs": (["--model", "best", "--epochs", "25"], "--model best trained 25 epochs instead of 15"),
+    # bfloat16 autocast (#28): does it cost accuracy?
+    "amp": (["--amp"], "default + --amp (bfloat16 autocast)"),
+    "best-amp": (["--model", "best", "--amp"], "--model best + --amp (bfloat16 autocast)"),
 }
 
 

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cli
+import dataset
 import devices
 import models
 import trainer
@@ -431,3 +433,91 @@ def test_deterministic_cuda_runs_repeat_and_resume_exactly(small_data, tmp_path)
     resumed = run_script("trainer.py", *train_cmd(small_data, tmp_path / "c", *flags, "--resume")[2:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert identical(weights(tmp_path / "a" / "m.ckpt"), weights(tmp_path / "c" / "m.ckpt"))
+
+
+# ---------------------------------------------------------------------------
+# The rest of what devices.py and ddp.py promise, checked where a CPU can
+
+
+def test_no_copy_in_the_project_is_non_blocking():
+    # A non-blocking copy from unpinned memory may read freed memory on MPS (docs/devices.md).
+    sources = {p.name: p.read_text() for p in ROOT.glob("*.py")}
+    assert [name for name, text in sources.items() if "non_blocking" in text] == []
+
+
+def test_a_grid_sample_error_off_mps_is_raised_not_worked_around(monkeypatch):
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return F.grid_sample(*args, **kwargs)
+
+    monkeypatch.setattr(devices.F, "grid_sample", fails_once)
+    with pytest.raises(RuntimeError, match="pretend"):
+        devices.warp(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, 2))
+
+
+def test_the_logit_adjustment_is_added_in_float32_under_autocast():
+    import treatments
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3, generator=g) * 3
+    targets = torch.randint(0, 3, (64,), generator=g)
+    prior = treatments.label_log_prior(torch.tensor([0] * 4600 + [1] * 400 + [2] * 1400))
+    expected = F.cross_entropy(logits + 0.5 * prior, targets)
+    as_bf16 = treatments.logit_adjusted_cross_entropy(logits.bfloat16(), targets, prior, 0.5)
+    assert as_bf16.dtype == torch.float32
+    # Only the logits' own rounding to bfloat16 remains, not the sum's.
+    reference = F.cross_entropy(logits.bfloat16().float() + 0.5 * prior, targets)
+    assert torch.equal(as_bf16, reference) and abs(float(as_bf16 - expected)) < 0.05
+
+
+def test_amp_is_refused_where_bfloat16_is_only_emulated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(cli.UserError, match=r"^--amp: Tesla T4 has no bfloat16 arithmetic; train without --amp$"):
+        devices.check_autocast(torch.device("cuda"))
+    import platform
+
+    monkeypatch.setattr(platform, "mac_ver", lambda: ("13.6.1", ("", "", ""), "arm64"))
+    with pytest.raises(cli.UserError, match=r"^--amp: MPS computes bfloat16 from macOS 14 on; this is macOS 13.6.1"):
+        devices.check_autocast(torch.device("mps"))
+    monkeypatch.setattr(platform, "mac_ver", lambda: ("14.5", ("", "", ""), "arm64"))
+    devices.check_autocast(torch.device("mps"))
+    devices.check_autocast(torch.device("cpu"))
+
+
+def test_the_process_group_waits_30_minutes_not_nccls_10(monkeypatch):
+    import datetime
+
+    import ddp
+
+    joined = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.update(kw, backend=backend))
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    assert ddp.setup("cpu") == torch.device("cpu")
+    assert joined == {"backend": "gloo", "timeout": datetime.timedelta(minutes=30), "device_id": None}
+
+
+def test_a_download_lands_whole_and_is_not_repeated(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    downloads = []
+
+    def fake_download(url, root, filename, md5):
+        downloads.append(root)
+        batches = Path(root) / "cifar-10-batches-py"
+        batches.mkdir()
+        for k in range(1, 6):
+            (batches / f"data_batch_{k}").write_bytes(b"batch")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fake_download)
+    first = dataset._download_cifar(tmp_path)
+    assert first == tmp_path / "cifar-10-batches-py" and (first / "data_batch_5").read_bytes() == b"batch"
+    assert Path(downloads[0]).parent == tmp_path and Path(downloads[0]) != tmp_path  # a folder of its own
+    assert dataset._download_cifar(tmp_path) == first and len(downloads) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]  # nothing else left

@@ -30,6 +30,8 @@ def test_default_recipe_is_the_courses_settings_plus_sampler_and_augmentation():
         ("ce", "none", 0.0, 0, 0.0, "last")
     assert (args.adversarial, args.label_smoothing, args.lr_sweep, args.resume, args.seed) == ("none", 0.0, None,
                                                                                                  False, 0)
+    # float32 throughout, torch's own kernels (docs/devices.md): both are opt-in.
+    assert (args.amp, args.deterministic) == (False, False)
     assert (args.out, args.figures) == ("checkpoints/trained.ckpt", "figures")
 
 
