@@ -369,7 +369,7 @@ def report_definitions(target):
 def main():
     args = parse_args()
     device = pick_device(args.device)
-    out = check_output_dir(args.out, "--out")
+    out = check_output_dir(args.out, "--out", create=False)  # made when written: a refused run leaves none
     if args.compare:
         for path in args.compare:
             load_checkpoint_arg(path, device)  # every file checked before minutes of attacks

@@ -79,8 +79,9 @@ def describe(value):
     if torch is not None and isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
     if isinstance(value, (list, tuple, dict, set)):
-        return f"a {type(value).__name__} of {len(value):,} items"
-    name = {"PickledArray": "numpy array", "PickledDataset": "MyDataset"}.get(type(value).__name__,
+        return f"a {type(value).__name__} of {len(value):,} item{'' if len(value) == 1 else 's'}"
+    name = {"PickledArray": "numpy array", "PickledDataset": "MyDataset",
+            "_StorageType": "torch storage type"}.get(type(value).__name__,
                                                                            type(value).__name__)
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
@@ -148,6 +149,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         # argparse quotes a bad value in full (an invalid choice, an unknown argument): cut long ones.
+        message = re.sub(r"'([^'\s]{41,})'", lambda m: f"'{clip(m[1])}'", message)  # a quoted value, cut inside
         message = re.sub(r"\S{61,}", lambda m: clip(m[0]), message)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -217,9 +219,11 @@ def pick_device(name=None):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: torch sees no CUDA GPU; use --device cpu")
         index = int(match[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices (0 to "
-                            f"{torch.cuda.device_count() - 1})")
+        count = torch.cuda.device_count()
+        if index >= count:
+            names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UserError(f"--device {name}: torch sees {count} CUDA GPU{'' if count == 1 else 's'} ({names}); "
+                            f"use {'it' if count == 1 else 'one of them'} or --device cpu")
     return torch.device(name)
 
 
@@ -237,8 +241,10 @@ def note_once(message):
 # Outputs
 
 
-def check_output_dir(path, flag):
-    """Make sure the folder can be written before any work starts (creating it if needed)."""
+def check_output_dir(path, flag, create=True):
+    """Make sure the folder can be written before any work starts: created if needed, or with create=False
+    only checked to be creatable (a run refused later, say for a bad input file, leaves no folder behind;
+    the writers create it: atomic_write)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file, expected a folder")
@@ -248,8 +254,9 @@ def check_output_dir(path, flag):
     if ancestor.exists() and not ancestor.is_dir():
         raise UserError(f"{flag} {path}: {ancestor} is a file, so no folder can be made under it")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path if create else ancestor, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -258,13 +265,18 @@ def check_output_dir(path, flag):
 
 
 def check_output_file(path, flag):
-    """Make sure a file can be written at path before any work starts."""
+    """Make sure a file can be written at path before any work starts, without making its folder yet."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
     if path.exists() and not path.is_file():
         raise UserError(f"{flag} {path}: not a regular file; refusing to replace it")
-    check_output_dir(path.parent, flag)
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():  # named in the line as given, not as its folder
+        raise UserError(f"{flag} {path}: {ancestor} is a file, so no file can be written under it")
+    check_output_dir(path.parent, flag, create=False)  # made when written (atomic_write, file_lock)
     return path
 
 

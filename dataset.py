@@ -547,7 +547,7 @@ def main():
             cifar_source(args.cifar_dir), args.out_dir, args.seed, args.train_counts, args.dev_counts, args.mislabeled
         )
     else:
-        check_output_dir(args.figures, "--figures")
+        check_output_dir(args.figures, "--figures", create=False)
         ensure_data(args.data, args.dev_data, cifar_dir=args.cifar_dir)
         insights(args.data, args.dev_data, args.figures)
 

@@ -203,12 +203,16 @@ def _as_written(value):
     return json.dumps(clip(value)) if isinstance(value, str) else describe(value)
 
 
+class _RepeatedKey(ValueError):
+    """A key given twice in one JSON object: valid JSON, but an ambiguous correction."""
+
+
 def _unique_keys(pairs):
     """A JSON object as a dict; a key given twice is an error (json keeps the last, silently)."""
     seen = set()
     for key, _ in pairs:
         if key in seen:
-            raise ValueError(f"the key {clip(key)!r} appears twice in one object")
+            raise _RepeatedKey(f"the key {clip(key)!r} appears twice in one object; json would keep the last silently")
         seen.add(key)
     return dict(pairs)
 
@@ -228,7 +232,15 @@ def read_corrections(path, n):
         raise UserError(f"{where}: {len(data):,} bytes, more than corrections of {n:,} images take ({limit:,})")
     try:
         entries = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ints past 4,300 digits
+    except RecursionError:  # valid JSON, but nested deeper than Python's parser goes
+        raise UserError(f"{where}: nested too deeply to read; a corrections file is a flat list of "
+                        "{\"index\": i, \"label\": name} entries") from None
+    except _RepeatedKey as e:
+        raise UserError(f"{where}: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, ints past Python's 4,300 digits
+        if "integer string conversion" in str(e):
+            raise UserError(f"{where}: holds a number of more than 4,300 digits, which no image index or label "
+                            "is") from None
         raise UserError(f"{where}: not valid JSON ({one_line(e, 100)})") from None
     if isinstance(entries, dict) and isinstance(entries.get("issues"), list):  # our own label_issues.json
         try:

@@ -295,7 +295,7 @@ def checkpoint_weights(ckpt, path, architectures):
             raise UserError(f"{path}: {key!r} holds {describe(state)}, not a state_dict (names and tensors)")
         left_out = [k for k in ckpt if k not in (key, "arch")]
     else:
-        found = f"a dict of {_names(ckpt)}" if isinstance(ckpt, dict) and ckpt else describe(ckpt)
+        found = f"a dict with the keys {_names(ckpt)}" if isinstance(ckpt, dict) and ckpt else describe(ckpt)
         raise UserError(f"{path}: found no weights: expected a state_dict (names and tensors), bare or under "
                         f"{', '.join(map(repr, WEIGHT_KEYS[:-1]))} or {WEIGHT_KEYS[-1]!r}, but the file holds {found}")
     if arch is not None and (not isinstance(arch, str) or arch not in architectures):
@@ -332,7 +332,8 @@ def load_weights(model, path):
     """Load the checkpoint at path into model (in place) and return model."""
     state, arch, note = read_weights(path)
     if arch is not None and arch != model.arch:
-        raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r})")
+        raise UserError(f"{path}: holds a {arch!r} model, not a {type(model).__name__} ({model.arch!r}); "
+                        "models.load_model(path) builds the model a checkpoint names")
     return _load_checked(model, state, note, path)
 
 

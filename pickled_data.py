@@ -8,7 +8,7 @@ within the file's restricted_pickle.Budget.
 import math
 
 from cli import describe
-from pickled_tensors import MAX_TENSOR_DIMS, layout_number, read_storage_blob, tensor_globals
+from pickled_tensors import MAX_TENSOR_DIMS, layout_number, layout_text, read_storage_blob, tensor_globals
 from restricted_pickle import UnsafeFile, checks_its_state, latin1_encode
 
 # Plain numbers only: an object array ('O') would hold pickled Python objects.
@@ -51,10 +51,12 @@ class PickledArray:
         import numpy as np
 
         raw = self.budget.decode_once(raw) if isinstance(raw, str) else raw  # Python 2's strings
-        if not (isinstance(shape, tuple) and len(shape) <= MAX_TENSOR_DIMS and all(map(layout_number, shape))
-                and isinstance(dtype, _DtypeSpec) and isinstance(fortran, bool)
-                and isinstance(raw, (bytes, bytearray))):
-            raise UnsafeFile("an array has an invalid shape, dtype or data")
+        if not (isinstance(shape, tuple) and len(shape) <= MAX_TENSOR_DIMS and all(map(layout_number, shape))):
+            raise UnsafeFile(f"an array has an invalid shape {layout_text(shape)}: at most {MAX_TENSOR_DIMS} "
+                             "dimensions, each a whole number from 0 to 2**62")
+        if not (isinstance(dtype, _DtypeSpec) and isinstance(fortran, bool) and isinstance(raw, (bytes, bytearray))):
+            raise UnsafeFile(f"an array has an invalid dtype, order or data ({describe(dtype)}, {describe(fortran)}, "
+                             f"{describe(raw)})")
         dtype = dtype.numpy()
         if math.prod(shape) * dtype.itemsize != len(raw):
             raise UnsafeFile(f"an array of shape {list(shape)} holds {len(raw):,} bytes, not "

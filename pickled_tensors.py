@@ -29,6 +29,14 @@ MAX_TENSOR_DIMS = 8
 MAX_LAYOUT_NUMBER = 2**62
 
 
+def layout_text(value):
+    """A shape, stride or offset from a file for a message: its numbers, each described (one may have
+    thousands of digits), or the value described when it is no short list of them."""
+    if isinstance(value, (tuple, list)) and len(value) <= MAX_TENSOR_DIMS:
+        return "[" + ", ".join(map(describe, value)) + "]"
+    return describe(value)
+
+
 def layout_number(value):
     """A whole number that may be a shape, stride or offset: from 0 to MAX_LAYOUT_NUMBER."""
     return whole(value) and 0 <= value <= MAX_LAYOUT_NUMBER
@@ -69,15 +77,16 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
         tuple(stride) if isinstance(stride, (tuple, list)) else stride
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride) <= MAX_TENSOR_DIMS
             and all(layout_number(v) for v in (offset, *size, *stride))):
-        raise UnsafeFile(f"a tensor has an invalid layout (offset {describe(offset)}, size {describe(size)}, "
-                         f"stride {describe(stride)})")
+        raise UnsafeFile(f"a tensor has an invalid layout (offset {layout_text(offset)}, size {layout_text(size)}, "
+                         f"stride {layout_text(stride)}): at most {MAX_TENSOR_DIMS} dimensions, each number whole, "
+                         "from 0 to 2**62")
     n = storage.tensor.numel()
     if all(size):
         last = offset + sum((s - 1) * st for s, st in zip(size, stride))
         if last >= n:
-            raise UnsafeFile(f"a tensor of size {list(size)} reaches element {last} of a storage of {n} elements")
+            raise UnsafeFile(f"a tensor of size {list(size)} reaches element {last:,} of a storage of {n:,} elements")
     elif offset > n:
-        raise UnsafeFile(f"a tensor starts at element {offset} of a storage of {n} elements")
+        raise UnsafeFile(f"a tensor starts at element {offset:,} of a storage of {n:,} elements")
     if backward_hooks or metadata:
         raise UnsafeFile("a tensor carries autograd hooks or Python attributes")
     tensor = storage.tensor.as_strided(size, stride, offset)
@@ -151,7 +160,7 @@ def _same_storage(storage, kind, numel, key):
 def _claim(claimed, size, what):
     """Refuse storages that claim more bytes than the file holds: their data must follow in it."""
     if claimed > size:
-        raise UnsafeFile(f"its storages claim {claimed:,} bytes but the {what} is only {size:,} bytes")
+        raise UnsafeFile(f"its storages claim {claimed:,} bytes but the {what} holding them is only {size:,} bytes")
 
 
 def _read_legacy_pickles(f, data, allowed, what, budget):
@@ -200,11 +209,11 @@ def _read_legacy_data(f, storages, keys):
         tensor = storages[key].tensor
         count = int.from_bytes(f.read(8), "little", signed=True)
         if count != tensor.numel():
-            raise UnsafeFile(f"storage {key} declares {tensor.numel()} elements but its data says {count}")
+            raise UnsafeFile(f"storage {clip(key)} declares {tensor.numel():,} elements but its data says {count:,}")
         nbytes = count * tensor.element_size()
         raw = f.read(nbytes)
         if len(raw) != nbytes:
-            raise UnsafeFile(f"storage {key} is truncated ({len(raw)} of {nbytes} bytes)")
+            raise UnsafeFile(f"storage {clip(key)} is truncated ({len(raw):,} of {nbytes:,} bytes)")
         if nbytes:
             tensor.view(-1).view(torch.uint8).copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     if f.read(1):
@@ -256,7 +265,7 @@ def read_storage_blob(data, budget):
     known = _known_storage_start(data, budget)
     if known is not None:
         end, key, dtype, numel = known
-        _claim(numel * dtype.itemsize, len(data), "tensor storage")
+        _claim(numel * dtype.itemsize, len(data), "pickled storage")
         budget.storage_bytes += numel * dtype.itemsize
         storage = _Storage(torch.empty(numel, dtype=dtype))
         f = io.BytesIO(data)
@@ -264,7 +273,7 @@ def read_storage_blob(data, budget):
         _read_legacy_data(f, {key: storage}, [key])
         return storage
     f = io.BytesIO(data)
-    obj, storages, keys = _read_legacy_pickles(f, data, {}, "tensor storage", budget)
+    obj, storages, keys = _read_legacy_pickles(f, data, {}, "pickled storage", budget)
     end = f.tell()
     _read_legacy_data(f, storages, keys)
     if not isinstance(obj, _Storage):

@@ -35,6 +35,16 @@ class UnsafeFile(Exception):
     """A file that names something it may not (code, an unknown type) or claims more than it holds."""
 
 
+class MalformedPickle(pickle.UnpicklingError):
+    """Bytes that are no pickle at all where an instruction should be: no instruction of that code, a
+    global whose name is no Python name (text read as a pickle: 'car,truck' after the GLOBAL code c)."""
+
+
+def python_name(text):
+    """Whether text is a dotted Python name, as a pickled global's module and name are."""
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
+
+
 class UnknownGlobal(UnsafeFile):
     """A file that names a global outside its allowlist: module.name (a class, a function)."""
 
@@ -165,6 +175,8 @@ class RestrictedUnpickler(pickle._Unpickler):
     def find_class(self, module, name):
         # ("*", name) allows a class of that name from any module: a course MyDataset may have been
         # defined in the student's own script (__main__) as well as in dataset.py.
+        if not (python_name(module) and python_name(name)):
+            raise MalformedPickle(f"it names the global {describe(module)} {describe(name)}, which is no Python name")
         for key in ((module, name), ("*", name)):
             if key in self.allowed:
                 return self.allowed[key]
@@ -189,7 +201,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         (n,) = struct.unpack("<Q", self.read(8))
         data = self.read(n)
         if len(data) != n:
-            raise UnsafeFile(f"a byte array declares {n:,} bytes but the {self.what} holds only {len(data):,}")
+            raise UnsafeFile(f"a byte array declares {n:,} bytes but the {self.what} has only {len(data):,} left")
         self.append(bytearray(data))
 
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
@@ -253,6 +265,9 @@ class RestrictedUnpickler(pickle._Unpickler):
                 budget.instructions_left -= 1
                 if budget.instructions_left < 0:
                     raise budget.out_of_instructions()
-                dispatch[key[0]](self)
+                instruction = dispatch.get(key[0])
+                if instruction is None:
+                    raise MalformedPickle(f"byte {key!r} is no pickle instruction")
+                instruction(self)
         except pickle._Stop as stop:
             return stop.value

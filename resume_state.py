@@ -96,18 +96,36 @@ def check_resume_state(state, where, expect):
     (whether an average of the weights is kept). This checks what decides what to train on;
     check_training_state checks the weights and the optimizer's and scheduler's state.
     """
-    needed = {"model", "optimizer", "scheduler", "epoch", "history", "labels", "keep", "config", "data_sha256",
-              "average", "best"}
-    if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["config"], dict):
-        raise UserError(f"--resume: {where} is not a resume state of this trainer.py{RESUME_FIX}")
+    needed = ["model", "optimizer", "scheduler", "epoch", "history", "labels", "keep", "config", "data_sha256",
+              "average", "best"]
+    if not isinstance(state, dict):
+        raise UserError(f"--resume: {where}: not a resume state of this trainer.py (it holds {describe(state)}, not a "
+                        f"dict){RESUME_FIX}")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise UserError(f"--resume: {where}: not a resume state of this trainer.py (it has no {', '.join(missing)})"
+                        f"{RESUME_FIX}")
+    if not isinstance(state["config"], dict):
+        raise UserError(f"--resume: {where}: config is {describe(state['config'])}, not a dict of settings{RESUME_FIX}")
     config = {**LATER_RUN_KEYS, **state["config"]}
+    # A setting is a plain value (a number, text, a flag, None); anything else is no run's setting.
+    odd = next((k for k in expect["config"] if type(config.get(k)) not in (bool, int, float, str, type(None))), None)
+    if odd is not None:
+        raise UserError(f"--resume: {where}: config {odd} is {describe(config[odd])}, not a setting{RESUME_FIX}")
     changed = [k for k, v in expect["config"].items() if type(config.get(k)) is not type(v) or config.get(k) != v]
     if changed:
-        raise UserError(f"--resume: {where} belongs to a run with other settings ({', '.join(changed)}); "
-                        "use the same flags or start without --resume")
-    if not isinstance(state["data_sha256"], str) or state["data_sha256"] != expect["fingerprint"]:
-        raise UserError(f"--resume: {config['data']} has changed since {where} was written (its stored labels "
-                        "belong to other images); restore that data or start without --resume")
+        shown = "; ".join(f"{k} {describe(config.get(k))} there, {describe(expect['config'][k])} here"
+                          for k in changed[:3]) + (f"; {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise UserError(f"--resume: {where}: belongs to a run with other settings ({shown}); use the same flags or "
+                        "start without --resume")
+    fingerprint = state["data_sha256"]
+    if not (isinstance(fingerprint, str) and len(fingerprint) == 64
+            and all(c in "0123456789abcdef" for c in fingerprint)):
+        raise UserError(f"--resume: {where}: data_sha256 is {describe(fingerprint)}, not the SHA-256 of training data "
+                        f"(the resume state is malformed){RESUME_FIX}")
+    if fingerprint != expect["fingerprint"]:
+        raise UserError(f"--resume: {where}: the training data {config['data']} has changed since it was written "
+                        "(its stored labels belong to other images); restore that data or start without --resume")
     epoch, n, history = state["epoch"], len(expect["labels"]), state["history"]
     if not whole(epoch) or not 1 <= epoch <= expect["epochs"]:
         raise UserError(f"--resume: {where}: epoch {describe(epoch)} is not one of 1 to {expect['epochs']}{RESUME_FIX}")
@@ -121,7 +139,7 @@ def check_resume_state(state, where, expect):
     if problems["labels"] is None and problems["keep"] is None:
         problems.update(_labels_problems(state["labels"], state["keep"], expect["labels"], config))
     if not isinstance(history, list) or len(history) != epoch:
-        problems["history"] = f"is {describe(history)}, expected a list of {epoch} epochs"
+        problems["history"] = f"is {describe(history)}, expected a list of {epoch} epoch{'' if epoch == 1 else 's'}"
     else:
         for i, entry in enumerate(history):
             if not isinstance(entry, dict) or not isinstance(entry.get("loss"), float):
@@ -185,6 +203,15 @@ def _same_setting(saved, expected):
     return math.isclose(saved, expected, rel_tol=1e-9, abs_tol=1e-15)
 
 
+def _number(value):
+    return type(value) in (int, float)
+
+
+def _other_setting(key, saved, this_run):
+    return (f"param_groups hold other settings than this run's ({key} {_setting_text(saved)}, not "
+            f"{_setting_text(this_run)})")
+
+
 def _optimizer_problem(saved, optimizer, steps, scheduled):
     fresh = optimizer.state_dict()
     if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
@@ -196,12 +223,20 @@ def _optimizer_problem(saved, optimizer, steps, scheduled):
     if isinstance(groups, list) and all(isinstance(group, dict) for group in groups):
         groups = [{k: group[k] for k in fresh_group if k in group} for group, fresh_group in zip(groups, arithmetic)] \
             + groups[len(arithmetic):]
+        # A number of the other kind (a weight decay of 0.5 where this run's is 0) is another setting, not a
+        # malformed one: said so here, before the check of each value's type below.
+        for group, fresh_group in zip(groups, arithmetic):
+            for k, v in fresh_group.items():
+                if (k not in SCHEDULED and k in group and _number(group[k]) and _number(v)
+                        and type(group[k]) is not type(v) and group[k] != v):
+                    return _other_setting(k, group[k], v)
     problem = _mismatch(groups, arithmetic)
     if problem:
         return f"param_groups {problem}"
     for group, fresh_group, expected in zip(groups, arithmetic, scheduled):
         if any(group[k] != v for k, v in fresh_group.items() if k not in SCHEDULED):
-            return "param_groups hold other settings than this run's"
+            k = next(k for k, v in fresh_group.items() if k not in SCHEDULED and group[k] != v)
+            return _other_setting(k, group[k], fresh_group[k])
         # A learning rate of 1000 or a beta2 of 0 would train on silently, or diverge with the wrong advice.
         for key, value in expected.items():
             if not _same_setting(group[key], value):
@@ -210,17 +245,24 @@ def _optimizer_problem(saved, optimizer, steps, scheduled):
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict numbers them in order
     expected = OPTIMIZER_STATE.get(type(optimizer), {})
     for index, entry in saved["state"].items():
-        if not (whole(index) and 0 <= index < len(params)) or not isinstance(entry, dict) or set(entry) != set(expected):
-            return f"state {describe(index)} is not the state of one of this model's parameters"
+        if not (whole(index) and 0 <= index < len(params)):
+            return (f"state {describe(index)} is not the state of one of this model's parameters (0 to "
+                    f"{len(params) - 1})")
+        if not isinstance(entry, dict) or set(entry) != set(expected):
+            found = ", ".join(sorted(map(describe, entry))[:4]) if isinstance(entry, dict) else describe(entry)
+            return (f"state {index} holds {found or 'nothing'}, not the state {type(optimizer).__name__} keeps per "
+                    f"parameter ({', '.join(expected)})")
         for name, value in entry.items():
             if value is None and name == "momentum_buffer":
                 if steps and any(group["momentum"] for group in optimizer.param_groups):
-                    return f"state {index} has no momentum buffer after {steps} steps with momentum"
+                    unit = "step" if steps == 1 else "steps"
+                    return f"state {index} has no momentum buffer after {steps} {unit} with momentum"
                 continue
             like = torch.zeros(()) if expected[name] == "scalar" else torch.zeros_like(params[index], device="cpu")
             problem = _mismatch(value.cpu() if isinstance(value, torch.Tensor) and not value.is_meta else value, like)
             if problem is None and name == "step" and value != steps:
-                problem = f"counts {float(value):g} steps, not the {steps} of the saved epochs"
+                unit = "step" if value == 1 else "steps"
+                problem = f"counts {float(value):g} {unit}, not the {steps} of the saved epochs"
             if problem is None and name == "exp_avg_sq" and (value < 0).any():
                 problem = "holds negative values (a mean of squares)"
             if problem:
@@ -234,9 +276,12 @@ def _optimizer_problem(saved, optimizer, steps, scheduled):
 
 def check_training_state(state, where, model, optimizer, scheduler, steps_per_epoch):
     """Refuse a resume state whose weights, optimizer or scheduler state do not fit this run's, before loading."""
-    check_state_dict(model, state["model"], f"--resume: {where}")
-    if state["average"] is not None:
-        check_state_dict(model, state["average"], f"--resume: {where} (average)")
+    for key in ("model", "average"):
+        if key == "model" or state[key] is not None:
+            try:
+                check_state_dict(model, state[key], f"--resume: {where}: {key}", what="resume state")
+            except UserError as e:
+                raise UserError(f"{e}{RESUME_FIX}") from None
     steps = state["epoch"] * steps_per_epoch
     settings, stepped = scheduled_settings(optimizer, scheduler, steps)
     problem = _optimizer_problem(state["optimizer"], optimizer, steps, settings)
@@ -246,7 +291,10 @@ def check_training_state(state, where, model, optimizer, scheduler, steps_per_ep
     if not isinstance(saved, dict) or set(saved) != set(fresh):
         problem = f"is {describe(saved)}, not the state of this run's schedule"
     elif any(type(saved[k]) is not type(v) or saved[k] != v for k, v in fresh.items() if k not in SCHEDULER_PROGRESS):
-        problem = "has other settings than this run's schedule"
+        k = next(k for k, v in fresh.items() if k not in SCHEDULER_PROGRESS and (type(saved[k]) is not type(v)
+                                                                               or saved[k] != v))
+        problem = (f"has other settings than this run's schedule ({k} {_setting_text(saved[k])}, not "
+                   f"{_setting_text(fresh[k])})")
     else:
         problem = _mismatch({k: saved[k] for k in SCHEDULER_PROGRESS}, {k: fresh[k] for k in SCHEDULER_PROGRESS})
         if problem is None and (saved["last_epoch"] != state["epoch"] * steps_per_epoch
@@ -289,8 +337,11 @@ def data_fingerprint(images, labels):
 def load_resume(path, args, fingerprint, given_labels):
     """The resume state at path, every field checked against this run (check_resume_state)."""
     if not Path(path).exists():
-        raise UserError(f"--resume: no resume state at {path} (start without --resume)")
-    state = read_torch_file(path, "resume state")
+        raise UserError(f"--resume: {path}: no resume state there (start without --resume)")
+    try:
+        state = read_torch_file(path, "resume state")
+    except UserError as e:  # a file that cannot be read safely: the same line, naming the flag
+        raise UserError(f"--resume: {e}{RESUME_FIX}") from None
     metrics = compute_metrics([0, 1, 2], [0, 1, 2])  # what an epoch's scores look like
     entry = {"epoch": 1, "dev": metrics, "val": metrics if args.val_fraction else None}
     if args.adversarial != "none" and args.robust_eval:

@@ -335,7 +335,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    out = check_output_dir(args.out, "--out")
+    out = check_output_dir(args.out, "--out", create=False)  # made when written: a refused run leaves none
     if args.explain:  # a missing Captum should not wait for the data
         from explain import require_captum
 

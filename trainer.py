@@ -572,7 +572,7 @@ def main():
     if args.amp:
         devices.check_autocast(device)
     # Every output is checked before any work: a typo should not surface after label repair.
-    check_output_dir(args.figures, "--figures")
+    check_output_dir(args.figures, "--figures", create=False)  # made when written: a refused run leaves none
     if not args.lr_sweep:
         check_output_file(args.out, "--out")
         check_output_file(resume_path(args.out), "--out")

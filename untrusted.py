@@ -19,6 +19,7 @@ this one guarantees that reading it is safe.
 import io
 import os
 import pickle
+import pickletools
 import re
 import stat
 import warnings
@@ -31,9 +32,10 @@ from cli import MissingFile, UserError, clip, describe, one_line, require_safe_t
 from pickled_data import PickledArray, data_pickle_globals, numpy_globals
 from pickled_tensors import (NotTorchFormat, check_zip_pickle, checkpoint_globals, looks_like_a_module,
                              read_legacy_torch)
-from restricted_pickle import Budget, RestrictedUnpickler, UnknownGlobal, UnsafeFile
+from restricted_pickle import Budget, MalformedPickle, RestrictedUnpickler, UnknownGlobal, UnsafeFile
 
 ZIP_MAGIC = b"PK\x03\x04"
+COURSE_FORM = "a pickle.dump of a list of (image, label) tuples"
 
 
 def read_input_file(path, what, hint=""):
@@ -66,9 +68,50 @@ def read_input_file(path, what, hint=""):
         os.close(fd)
 
 
-def _unpickle(data, allowed_within, path, what, encoding="ASCII"):
+# The first byte of a pickle: PROTO (protocols 2 to 5, as pickle.dump and torch.save write), or any
+# instruction of protocols 0 and 1, which have no header.
+_FIRST_BYTES = {op.code.encode("latin1")[0] for op in pickletools.opcodes if op.proto <= 1}
+
+
+def _starts_as_pickle(data):
+    if data[:1] == b"\x80":
+        return data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    return bool(data) and data[0] in _FIRST_BYTES
+
+
+def _text_start(data):
+    """The first characters of data when it reads as text (UTF-8, printable or whitespace), else None."""
+    head = data[:256]
+    for cut in range(4):  # the last character may be cut in the middle
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    return text if text and all(c.isprintable() or c in "\n\r\t" for c in text) else None
+
+
+def _not_a_pickle(data, path, what, form):
+    """The one line for a file that is no pickle of the kind wanted (empty, text, other bytes), or None."""
+    if not data:
+        return UserError(f"{path}: empty file (0 bytes), not a {what} ({form})")
+    text = _text_start(data)
+    if text is not None:
+        return UserError(f"{path}: not a {what} ({form}): it holds text, starting {describe(text)}")
+    if not _starts_as_pickle(data):
+        return UserError(f"{path}: not a {what} ({form}): it does not start as a pickle does (its first bytes are "
+                         f"{data[:8]!r})")
+    return None
+
+
+def _unpickle(data, allowed_within, path, what, form, encoding="ASCII"):
     """The object in data through the restricted unpickler, allowed the globals allowed_within(budget)
-    gives, within a Budget of the file's size; every way a file can fail is one UserError line."""
+    gives, within a Budget of the file's size; every way a file can fail is one UserError line. form: what
+    such a file is, for a file that is not one."""
+    if not _starts_as_pickle(data):
+        raise _not_a_pickle(data, path, what, form)
     budget = Budget(len(data), what)
     try:
         return RestrictedUnpickler(io.BytesIO(data), allowed_within(budget), budget, encoding=encoding).load()
@@ -76,8 +119,14 @@ def _unpickle(data, allowed_within, path, what, encoding="ASCII"):
         raise UserError(f"{path}: refused: {e}") from None
     except RecursionError:
         raise UserError(f"{path}: refused: nested too deeply for a {what}") from None
-    except Exception as e:  # a broken file can fail inside unpickling in many ways; all mean the same
-        raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__}: {one_line(e)})") from None
+    except Exception as e:  # a broken file can fail inside unpickling in many ways
+        if isinstance(e, EOFError) or "exhausted" in str(e):  # a read past the end, or a frame cut short
+            raise UserError(f"{path}: truncated {what}: the file ends before its pickle does; write or copy it "
+                            "again") from None
+        if _text_start(data) is not None:  # text that starts with a pickle instruction ('c', '(', 'I', ...)
+            raise _not_a_pickle(data, path, what, form) from None
+        detail = str(e) if isinstance(e, MalformedPickle) else f"{type(e).__name__}: {one_line(e)}"
+        raise UserError(f"{path}: not a {what} ({form}), or a damaged one ({detail})") from None
 
 
 def read_pickle(path, what, hint=""):
@@ -89,9 +138,8 @@ def read_pickle(path, what, hint=""):
     """
     data = read_input_file(path, what, hint)
     if data[:4] == ZIP_MAGIC:
-        raise UserError(f"{path}: a torch.save() zip archive, not a course {what} pickle (a pickle.dump of a list "
-                        "of (image, label) tuples)")
-    return _unpickle(data, data_pickle_globals, path, f"course {what} pickle"), len(data)
+        raise UserError(f"{path}: a torch.save() zip archive, not a course {what} pickle ({COURSE_FORM})")
+    return _unpickle(data, data_pickle_globals, path, f"course {what} pickle", COURSE_FORM), len(data)
 
 
 # ---------------------------------------------------------------------------
@@ -106,7 +154,8 @@ def read_cifar_batch(path):
     resolved, by stand-ins that accept plain arrays whose bytes match their shape.
     """
     data = read_input_file(path, "CIFAR-10 batch")
-    batch = _unpickle(data, numpy_globals, path, "CIFAR-10 batch", encoding="bytes")
+    batch = _unpickle(data, numpy_globals, path, "CIFAR-10 batch", "a pickled dict with data and labels",
+                      encoding="bytes")
     if not isinstance(batch, dict):
         raise UserError(f"{path}: not a CIFAR-10 batch (a pickled dict with data and labels), found {describe(batch)}")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -170,6 +219,9 @@ def _checked_zip(data, path, what):
                     if entry.filename == folder + "data.pkl":
                         pickled = content
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, UnicodeError, EOFError) as e:
+        if str(e) == "File is not a zip file":  # zipfile found no directory at the end: the file was cut short
+            raise UserError(f"{path}: truncated {what}: it starts as the zip archive torch.save writes, but the "
+                            "archive's end is missing; copy or save it again") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken zip archive: {one_line(e)})") from None
     sizes = {e.filename: e.file_size for e in entries}
     try:
@@ -193,7 +245,11 @@ def _refusal(error, path, pickled):
     return UserError(f"{path}: refused: {error}")
 
 
-def _torch_load(data, path):
+# What the pickle instructions the restricted reader lets through but torch's weights-only loader refuses hold.
+_OPCODE_MEANING = {"LONG4": ": a whole number of more than 255 bytes"}
+
+
+def _torch_load(data, path, what):
     """torch.load(weights_only=True) on a checked zip checkpoint, with torch's errors in one line.
 
     Gated here as well as at every script's start, so that the course API (SimpleModel().load)
@@ -209,8 +265,12 @@ def _torch_load(data, path):
             # torch's message advises weights_only=False; keep only what its unpickler refused.
             refused = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
             detail = f" ({clip(refused[1].strip(), 60)})" if refused else ""
-            raise UserError(f"{path}: refused: the file holds objects other than tensors{detail}, and loading "
-                            "them could run code; only weight checkpoints are accepted") from None
+            operand = re.search(r"Unsupported operand (\d+)", str(e))
+            opcode = pickletools.code2op.get(chr(int(operand[1])) if operand and int(operand[1]) < 256 else "")
+            if opcode is not None:
+                detail = f" (the pickle instruction {opcode.name}{_OPCODE_MEANING.get(opcode.name, '')})"
+            raise UserError(f"{path}: refused: torch's weights-only loader does not read what this {what} "
+                            f"holds{detail}") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint (broken pickle)") from None
     except Exception as e:  # torch raises many types for corrupt files
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({one_line(e)})") from None
@@ -218,12 +278,14 @@ def _torch_load(data, path):
 
 def _load_zip(data, path, what):
     """The object in a torch.save() zip archive's bytes: the archive checked, then loaded weights-only."""
-    return _torch_load(_checked_zip(data, path, what), path)
+    return _torch_load(_checked_zip(data, path, what), path, what)
 
 
 def read_torch_file(path, what):
     """The object in a torch.save() zip file, loaded weights-only within the zip checks above."""
     data = read_input_file(path, what)
+    if not data:
+        raise UserError(f"{path}: empty file (0 bytes), not a {what} written by torch.save")
     if data[:4] != ZIP_MAGIC:
         raise UserError(f"{path}: not a {what} written by torch.save")
     return _load_zip(data, path, what)
@@ -235,10 +297,18 @@ def read_checkpoint(path):
     data = read_input_file(path, "checkpoint")
     if data[:4] == ZIP_MAGIC:
         return _load_zip(data, path, "checkpoint")
+    if not data:
+        raise UserError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
     budget = Budget(len(data), "checkpoint")
     try:
         return read_legacy_torch(data, checkpoint_globals(budget), "checkpoint", budget)
     except NotTorchFormat:
+        text = _text_start(data)
+        if text is not None:
+            raise UserError(f"{path}: not a PyTorch checkpoint: it holds text, starting {describe(text)}") from None
+        if data[:1] == b"\x80" and _starts_as_pickle(data):  # PROTO: what pickle.dump writes first
+            raise UserError(f"{path}: not a PyTorch checkpoint: a pickle, but not in torch.save's format (save the "
+                            "weights with torch.save(model.state_dict(), path))") from None
         raise UserError(f"{path}: not a PyTorch checkpoint") from None
     except UnsafeFile as e:
         raise _refusal(e, path, data) from None
@@ -280,8 +350,9 @@ def tensor_problem(value):
     return None
 
 
-def check_state_dict(model, state, where):
-    """Refuse a state_dict that does not fit model or holds non-finite or wrongly typed values."""
+def check_state_dict(model, state, where, what="checkpoint"):
+    """Refuse a state_dict that does not fit model or holds non-finite or wrongly typed values; what: the kind
+    of file it comes from."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise UserError(f"{where}: expected a state_dict (names and tensors), found {describe(state)}")
@@ -295,5 +366,5 @@ def check_state_dict(model, state, where):
                             f"{'floating point' if expected.is_floating_point() else expected.dtype}")
         problem = tensor_problem(value)
         if problem:
-            advice = ": the checkpoint is corrupted or comes from a diverged run" if "NaN" in problem else ""
+            advice = f": the {what} is corrupted or comes from a diverged run" if "NaN" in problem else ""
             raise UserError(f"{where}: tensor {key} {problem}{advice}")

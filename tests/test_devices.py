@@ -193,7 +193,7 @@ def test_a_resume_state_from_before_amp_resumes_as_float32(small_data, epoch_1_o
 
 def test_resuming_an_amp_run_without_amp_is_refused(small_data, epoch_1_of_2, tmp_path):
     result = resume_with_state(small_data, epoch_1_of_2, tmp_path, lambda state: state["config"].update(amp=True))
-    assert_one_error_line(result, "belongs to a run with other settings (amp)")
+    assert_one_error_line(result, "belongs to a run with other settings (amp True there, False here)")
 
 
 # ---------------------------------------------------------------------------

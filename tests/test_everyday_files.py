@@ -38,13 +38,22 @@ def dump(path, obj, protocol):
     return path
 
 
+def read_as_written(path):
+    """(images float32, labels int64) of a course data pickle this session's `dataset.py build` wrote, read with
+    plain pickle.load (the file is our own), never by the loader under test: what the everyday files are written
+    from, and what loading them must give."""
+    with open(path, "rb") as f:
+        items = pickle.load(f)
+    return torch.stack([image for image, _ in items]).float(), torch.tensor([label for _, label in items])
+
+
 @pytest.fixture(scope="session")
 def everyday_data(default_data, tmp_path_factory):
     """{variant: (full-size file or None, small file)}, the images and labels each holds in the
     course format, and a small course-format file of the small files' images."""
     out = tmp_path_factory.mktemp("everyday_data")
-    train = dataset.load_pickle(default_data / "train.pickle")
-    larger = tuple(torch.cat(pair) for pair in zip(train, dataset.load_pickle(default_data / "dev.pickle")))
+    train = read_as_written(default_data / "train.pickle")
+    larger = tuple(torch.cat(pair) for pair in zip(train, read_as_written(default_data / "dev.pickle")))
     chosen = torch.cat([(train[1] == c).nonzero().flatten()[:SMALL_PER_CLASS] for c in range(3)])
     small = train[0][chosen], train[1][chosen]
     dataset.save_pickle(out / "small course.pickle", *small)
@@ -65,6 +74,7 @@ def test_everyday_data_loads_at_full_size(everyday_data, name):
     full, _, (images, labels) = everyday_data["files"][name]
     loaded_images, loaded_labels = dataset.load_pickle(full)
     assert len(labels) >= 6400 and full.stat().st_size > 75 * 2**20
+    assert loaded_images.dtype == torch.float32 and loaded_labels.dtype == labels.dtype == torch.int64
     assert torch.equal(loaded_images, images) and torch.equal(loaded_labels, labels)
 
 
@@ -89,7 +99,8 @@ def test_the_densest_everyday_file_uses_under_a_quarter_of_each_limit(everyday_d
 def test_everyday_data_gives_the_course_formats_images(everyday_data, name):
     images, labels = everyday_data["small"]
     loaded_images, loaded_labels = dataset.load_pickle(everyday_data["files"][name][1])
-    assert loaded_images.dtype == torch.float32  # float64 images too: rounding them back loses nothing
+    # float64 images too: rounding them back loses nothing
+    assert loaded_images.dtype == torch.float32 and loaded_labels.dtype == labels.dtype == torch.int64
     assert torch.equal(loaded_images, images) and torch.equal(loaded_labels, labels)
 
 
@@ -320,5 +331,5 @@ def test_a_checkpoint_without_weights_says_where_it_looked(tmp_path):
     with pytest.raises(UserError) as refused:
         models.load_model(path)
     assert str(refused.value) == (f"{path}: found no weights: expected a state_dict (names and tensors), bare or under "
-                                  "'model_state_dict', 'state_dict' or 'model', but the file holds a dict of 'epoch', "
-                                  "'optimizer'")
+                                  "'model_state_dict', 'state_dict' or 'model', but the file holds a dict with the keys "
+                                  "'epoch', 'optimizer'")

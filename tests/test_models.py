@@ -205,8 +205,8 @@ def test_resnet8_round_trip_keeps_arch_and_outputs(tmp_path):
 def test_simple_model_load_refuses_a_resnet8_checkpoint(tmp_path):
     path = tmp_path / "resnet.ckpt"
     ResNet8().save(path)
-    with pytest.raises(UserError, match="resnet8"):
-        SimpleModel.load(path)
+    assert one_line_error(path) == (f"{path}: holds a 'resnet8' model, not a SimpleModel ('simple'); "
+                                    "models.load_model(path) builds the model a checkpoint names")
 
 
 def test_bare_resnet8_state_dict_loads_as_resnet8(tmp_path):
@@ -230,55 +230,53 @@ def one_line_error(path, loader=SimpleModel.load):
 def test_other_architecture_names_missing_and_unexpected_keys(tmp_path):
     path = tmp_path / "linear.pt"
     torch.save(nn.Linear(4, 2).state_dict(), path)
-    message = one_line_error(path)
-    assert "missing keys" in message and "conv1.weight" in message
-    assert "unexpected keys" in message and "weight" in message.split("unexpected keys")[1]
+    assert one_line_error(path) == (f"{path}: not a SimpleModel checkpoint: missing keys: conv1.weight, conv1.bias, "
+                                    "conv2.weight, conv2.bias (+6 more); unexpected keys: weight, bias")
 
 
 def test_other_architecture_in_course_format_is_refused(tmp_path):
     path = tmp_path / "linear.ckpt"
     torch.save({"model_state_dict": nn.Linear(4, 2).state_dict()}, path)
-    message = one_line_error(path)
-    assert "missing keys" in message and "unexpected keys" in message
+    assert one_line_error(path) == (f"{path}: not a SimpleModel checkpoint: missing keys: conv1.weight, conv1.bias, "
+                                    "conv2.weight, conv2.bias (+6 more); unexpected keys: weight, bias")
 
 
 def test_ten_class_simple_model_names_mis_shaped_keys(tmp_path):
     path = tmp_path / "cifar10.ckpt"
     torch.save({"model_state_dict": SimpleModel(num_classes=10).state_dict()}, path)
-    message = one_line_error(path)
-    assert "mis-shaped" in message
-    assert "fc3.weight [10, 84] != [3, 84]" in message
-    assert "fc3.bias" in message
-    assert "conv1" not in message  # only the keys that differ are named
+    # Only the keys that differ are named.
+    assert one_line_error(path) == (f"{path}: not a SimpleModel checkpoint: mis-shaped: fc3.weight [10, 84] != "
+                                    "[3, 84], fc3.bias [10] != [3]")
 
 
 def test_arch_tag_with_wrong_weights_is_refused(tmp_path):
     path = tmp_path / "lying.ckpt"
     torch.save({"model_state_dict": SimpleModel().state_dict(), "arch": "resnet8"}, path)
-    message = one_line_error(path, load_model)
-    assert "ResNet8" in message and "missing keys" in message
+    assert one_line_error(path, load_model) == (
+        f"{path}: not a ResNet8 checkpoint: missing keys: prep.0.weight, prep.1.weight, prep.1.bias, "
+        "prep.1.running_mean (+46 more); unexpected keys: conv1.weight, conv1.bias, conv2.weight, conv2.bias (+6 more)")
 
 
 def test_unknown_arch_is_refused(tmp_path):
     path = tmp_path / "future.ckpt"
     torch.save({"model_state_dict": SimpleModel().state_dict(), "arch": "vit"}, path)
-    message = one_line_error(path, load_model)
-    assert "vit" in message
+    assert one_line_error(path, load_model) == f"{path}: unknown architecture 'vit' (known: simple, resnet8, whitened)"
 
 
 @pytest.mark.parametrize(
-    "content",
+    "content, expected",
     [
-        b"",
-        b"this is a text file, not a checkpoint\n",
-        bytes(range(256)) * 8,
+        (b"", "empty file (0 bytes), not a PyTorch checkpoint"),
+        (b"this is a text file, not a checkpoint\n",
+         "not a PyTorch checkpoint: it holds text, starting 'this is a text file, not a checkpoint\\n'"),
+        (bytes(range(256)) * 8, "not a PyTorch checkpoint"),
     ],
     ids=["empty", "text", "garbage"],
 )
-def test_corrupt_file_is_refused(tmp_path, content):
+def test_corrupt_file_is_refused(tmp_path, content, expected):
     path = tmp_path / "model.ckpt"
     path.write_bytes(content)
-    one_line_error(path)
+    assert one_line_error(path) == f"{path}: {expected}"
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):
@@ -287,23 +285,30 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     data = path.read_bytes()
     for cut in (len(data) // 10, len(data) // 2, len(data) - 100):
         path.write_bytes(data[:cut])
-        one_line_error(path)
+        assert one_line_error(path) == (f"{path}: truncated checkpoint: it starts as the zip archive torch.save "
+                                        "writes, but the archive's end is missing; copy or save it again")
+
+
+NO_WEIGHTS = ("found no weights: expected a state_dict (names and tensors), bare or under 'model_state_dict', "
+              "'state_dict' or 'model', but the file holds ")
 
 
 @pytest.mark.parametrize(
-    "obj",
-    [[1, 2, 3], {"epoch": 3}, {"model_state_dict": [1, 2]}, torch.zeros(3)],
+    "obj, expected",
+    [([1, 2, 3], NO_WEIGHTS + "a list of 3 items"), ({"epoch": 3}, NO_WEIGHTS + "a dict with the keys 'epoch'"),
+     ({"model_state_dict": [1, 2]}, "'model_state_dict' holds a list of 2 items, not a state_dict (names and tensors)"),
+     (torch.zeros(3), NO_WEIGHTS + "a torch.float32 tensor of shape [3]")],
     ids=["list", "dict-without-weights", "state-not-a-dict", "tensor"],
 )
-def test_non_checkpoint_file_is_refused(tmp_path, obj):
+def test_non_checkpoint_file_is_refused(tmp_path, obj, expected):
     path = tmp_path / "model.ckpt"
     torch.save(obj, path)
-    one_line_error(path)
+    assert one_line_error(path) == f"{path}: {expected}"
 
 
 def test_missing_file_and_folder_are_refused(tmp_path):
-    assert "no such checkpoint" in one_line_error(tmp_path / "nope.ckpt")
-    one_line_error(tmp_path)
+    assert one_line_error(tmp_path / "nope.ckpt") == f"{tmp_path / 'nope.ckpt'}: no such checkpoint file"
+    assert one_line_error(tmp_path) == f"{tmp_path}: is a folder, expected a checkpoint file"
 
 
 @pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
@@ -314,10 +319,12 @@ def test_malicious_checkpoint_never_runs_its_payload(tmp_path, fmt):
     ckpt = {"model_state_dict": SimpleModel().state_dict(), "extra": payload}
     if fmt == "torch.save":
         torch.save(ckpt, path)
-    else:
+        expected = "refused: it refers to posix.system, which a checkpoint never holds (loading it could run code)"
+    else:  # refused before any of it is read: not torch's format
         path.write_bytes(pickle.dumps(ckpt, protocol=2))
-    with pytest.raises(UserError):
-        load_model(path)
+        expected = ("not a PyTorch checkpoint: a pickle, but not in torch.save's format (save the weights with "
+                    "torch.save(model.state_dict(), path))")
+    assert one_line_error(path, load_model) == f"{path}: {expected}"
     assert not marker.exists(), "loading the checkpoint ran code from it"
     # Sanity check of the payload itself: unrestricted unpickling would have run it.
     pickle.loads(pickle.dumps(payload))
@@ -335,8 +342,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(models.torch, "save", write_half_then_fail)
-    with pytest.raises(UserError, match="disk full.*previous file is unchanged"):
+    with pytest.raises(UserError) as info:
         trained_looking(SimpleModel(), seed=2).save(path)
+    assert str(info.value) == f"{path}: cannot write (disk full); the previous file is unchanged"
     monkeypatch.undo()
 
     assert path.read_bytes() == before

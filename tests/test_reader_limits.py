@@ -196,9 +196,9 @@ def test_storages_claim_no_more_bytes_than_their_blob_holds(tmp_path):
     start = len(full) - numel - 8  # header, declaration and list of keys
     key = re.search(rb"7{6,}", full)[0].decode()
     path = tmp_path / "claim.pickle"
-    for length, expected in ((numel, f"storage {key} is truncated ({numel - start - 8} of {numel} bytes)"),
-                             (numel - 1, f"its storages claim {numel:,} bytes but the tensor storage is only "
-                                         f"{numel - 1:,} bytes")):
+    for length, expected in ((numel, f"storage {key} is truncated ({numel - start - 8:,} of {numel:,} bytes)"),
+                             (numel - 1, f"its storages claim {numel:,} bytes but the pickled storage holding them "
+                                         f"is only {numel - 1:,} bytes")):
         blob = full[:length]
         tensor = Reduce(torch._utils._rebuild_tensor_v2, (Reduce(torch.storage._load_from_bytes, (blob,)), 0, (1,),
                                                           (1,), False, collections.OrderedDict()))
@@ -219,8 +219,9 @@ def test_storage_blobs_that_start_alike_are_each_read_as_declared(tmp_path):
 
 
 @pytest.mark.parametrize("other_key, expected", [
-    (b"8", "its list of storages does not match the storages it uses"),
-    (b"\xff", "unreadable or truncated course data pickle (UnicodeDecodeError: "),
+    (b"8", "refused: its list of storages does not match the storages it uses"),
+    (b"\xff", "not a course data pickle (a pickle.dump of a list of (image, label) tuples), or a damaged one "
+             "(UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte)"),
 ])
 def test_a_blob_that_starts_alike_but_names_another_key_is_read_whole(tmp_path, other_key, expected):
     # The second image's blob is the first's but for its list of keys: naming a key the declaration does
@@ -238,7 +239,7 @@ def test_a_blob_that_starts_alike_but_names_another_key_is_read_whole(tmp_path, 
 
     path = tmp_path / "odd.pickle"
     path.write_bytes(pickle.dumps([(image(blob), 0), (image(odd), 1)], protocol=3))
-    assert refused(path).startswith(f"{path}: " + ("refused: " if other_key == b"8" else "") + expected)
+    assert refused(path) == f"{path}: {expected}"
 
 
 def test_a_key_prefixed_a_hundred_thousand_times_is_one_short_line(tmp_path):
@@ -247,6 +248,7 @@ def test_a_key_prefixed_a_hundred_thousand_times_is_one_short_line(tmp_path):
     path = tmp_path / "deep.ckpt"
     torch.save({"module." * 100_000 + "x": torch.zeros(1)}, path)
     message = refused(path, models.load_model)
-    assert message.startswith(f"{path}: not a SimpleModel checkpoint: missing keys: conv1.weight, conv1.bias, "
-                              "conv2.weight, conv2.bias (+6 more); unexpected keys: module.module.")
-    assert message.endswith("... (699,973 characters)") and len(message) < 300
+    assert message == (f"{path}: not a SimpleModel checkpoint: missing keys: conv1.weight, conv1.bias, conv2.weight, "
+                       "conv2.bias (+6 more); unexpected keys: module.module.module.module.module.modul... (699,973 "
+                       "characters)")
+    assert len(message) < 300
