@@ -15,8 +15,10 @@ import fractions
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -307,6 +309,31 @@ def atomic_write(path, write):
             raise
         kept = "; the previous file is unchanged" if path.is_file() else ""
         raise UserError(f"{path}: cannot write ({cause.strerror or cause}){kept}") from None
+
+
+@contextlib.contextmanager
+def ctrl_c_after():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has ended, then raise it.
+
+    For a write and the bookkeeping that says it happened: a Ctrl-C between the two would report
+    the file as not written when it is. Only the main thread receives signals; elsewhere (and with
+    SIGINT ignored) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if callable(previous):
+            previous(signal.SIGINT, received[0])
+        else:  # SIG_DFL: what the default would have done to this process
+            raise KeyboardInterrupt
 
 
 def _os_error_in(error):

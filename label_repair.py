@@ -1,7 +1,8 @@
 """Label repair for trainer.py --fix-labels: find the training images whose given label is probably wrong.
 
     --fix-labels auto    K-fold out-of-fold probabilities, then confident learning (cleanlab)
-    --fix-labels FILE    your own JSON list of {"index": i, "label": "cat" | 2 | null}
+    --fix-labels FILE    your own JSON list of {"index": i, "label": "cat" | 2 | null}, or the
+                         label_issues.json of an earlier auto run (the flags it acted on, relabeled)
     --fix-labels none    the labels as given (the default)
 
 Confident learning flags an image when its out-of-fold probability for another class beats
@@ -41,7 +42,8 @@ def add_repair_args(parser, fold_models):
     # three (docs/label_repair.md), and a default must be at least as good on every seed.
     group.add_argument("--fix-labels", default="none", metavar="auto|none|FILE",
                        help="auto: find and relabel probable label errors (opt-in); none: keep labels; FILE: JSON list "
-                            "of {index, label} corrections (default: none)")
+                            "of {index, label} corrections, or the label_issues.json of an earlier auto run (the "
+                            "flags it acted on, relabeled as suggested) (default: none)")
     group.add_argument("--repair-folds", type=int_in(2, 100), default=4,
                        help="cross-validation folds for --fix-labels auto (default: 4)")
     group.add_argument("--repair-epochs", type=int_in(1, 10_000),
@@ -219,6 +221,8 @@ def _unique_keys(pairs):
 
 def read_corrections(path, n):
     """A hand-made list of corrections: [{"index": i, "label": "cat" | 2 | null}, ...]; null drops the image.
+    A label_issues.json written by --fix-labels auto is read as the list of its acted-on issues, each
+    relabeled as suggested (whatever --repair-action that run had).
 
     Strict on purpose: an index of 1.9 or a label of true is a mistake to report, not a value
     to truncate, and an index listed twice would silently keep only one of the two labels.

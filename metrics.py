@@ -12,9 +12,16 @@ from dataset import CLASSES
 
 LABELS = list(range(len(CLASSES)))
 CALIBRATION_BINS = 15
-ECE_DEFINITION = (f"top-label ECE: the mean over {CALIBRATION_BINS} equal-width confidence bins, weighted by "
-                  "their share of the images, of |accuracy - mean confidence|, where confidence is the "
-                  "probability of the predicted class (Guo et al. 2017)")
+
+
+def ece_definition(bins=CALIBRATION_BINS):
+    """What calibration's "ece" is, in words, for its number of bins."""
+    return (f"top-label ECE: the mean over {bins} equal-width confidence bins (closed on the right), weighted "
+            "by their share of the images, of |accuracy - mean confidence|, where confidence is the "
+            "probability of the predicted class (Guo et al. 2017)")
+
+
+ECE_DEFINITION = ece_definition()
 TTA_NAMES = {"none": "none (the plain model)", "flip": "flip (averaged with the mirrored image; opt-in)"}
 
 
@@ -130,7 +137,7 @@ def calibration(y_true, y_pred, probabilities, bins=CALIBRATION_BINS):
     Confidence is the probability of the predicted class y_pred, correct is y_pred == y_true;
     the images are put in `bins` equal-width confidence bins, intervals closed on the right as
     in scikit-learn's calibration_curve (which gives the same curve: a test checks it), and
-    ECE = sum over bins of (images in bin / n) x |accuracy - mean confidence| (ECE_DEFINITION).
+    ECE = sum over bins of (images in bin / n) x |accuracy - mean confidence| (ece_definition).
     Returns {"ece", "mean_confidence", "accuracy", "bins", "definition", "curve": {"confidence",
     "accuracy", "count"} of the non-empty bins}.
     """
@@ -151,7 +158,7 @@ def calibration(y_true, y_pred, probabilities, bins=CALIBRATION_BINS):
         "mean_confidence": float(confidence.mean()),
         "accuracy": float(correct.mean()),
         "bins": bins,
-        "definition": ECE_DEFINITION,
+        "definition": ece_definition(bins),
         "curve": {"confidence": mean_confidence.tolist(), "accuracy": accuracy.tolist(), "count": counts.tolist()},
     }
 

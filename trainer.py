@@ -32,8 +32,8 @@ from attacks import (
     training_step_size,
 )
 from cli import (
-    ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, describe,
-    exclusive_lock, float_in, int_in, pyplot, save_figure, seed_type,
+    ArgumentParser, Interrupted, UserError, atomic_write, check_output_dir, check_output_file, ctrl_c_after,
+    describe, exclusive_lock, float_in, int_in, pyplot, save_figure, seed_type,
 )
 from dataset import CLASSES, DEV_PATH, FIGURES_DIR, TRAIN_PATH, class_counts, ensure_data, load_pickle
 from images import to_unit
@@ -387,8 +387,11 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                                    seeded(args.seed, "main", epoch), device, sampler=epoch_sampler(args, epoch),
                                    average=average)
             except FloatingPointError as e:
+                # Before the first epoch ends nothing is saved: no state to point to.
+                kept = f"the last good state (epoch {finished}) is in {state_path}" if finished else \
+                    "nothing was saved"
                 raise UserError(f"training diverged in epoch {epoch} ({e}): lower the learning rate "
-                                f"(--lr {args.lr:g}); the last good state is in {state_path}") from None
+                                f"(--lr {args.lr:g}); {kept}") from None
             if not ddp.is_main():
                 finished = epoch
                 continue  # one writer: rank 0 scores, prints and saves; the other ranks hold the same weights
@@ -418,8 +421,11 @@ def train(train_x, train_y, dev_x, dev_y, args, device):
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                         "labels": all_labels, "keep": keep, "config": config, "data_sha256": fingerprint,
                         "average": average, "best": best}
-            atomic_write(state_path, lambda f: torch.save(snapshot, f))
-            finished = epoch
+            # A Ctrl-C that lands after the rename but before `finished` is set would say the state is
+            # one epoch older than the one on disk (or that nothing was saved): it waits for both.
+            with ctrl_c_after():
+                atomic_write(state_path, lambda f: torch.save(snapshot, f))
+                finished = epoch
     except KeyboardInterrupt:
         bar.close()
         if not ddp.is_main():  # its line goes to torchrun's report; rank 0's says what was saved

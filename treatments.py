@@ -29,7 +29,8 @@ def add_treatment_args(parser):
                             "(Menon et al. 2021); balanced-softmax: the same with tau 1 (Ren et al. 2020). The "
                             "prior is the class share of the training labels; beside the balanced sampler a small "
                             "tau pushes the model towards the rare classes (default: ce)")
-    group.add_argument("--tau", type=float_in(0, 100), help="logit-adjustment strength tau (default: 1)")
+    group.add_argument("--tau", type=float_in(0, 100),
+                       help="logit-adjustment strength tau of --loss logit-adjusted (default: 1)")
     group.add_argument("--drw-start", type=int_in(0, 100_000), metavar="EPOCH",
                        help="deferred re-balancing (Cao et al. 2019): plain shuffling before this epoch, "
                             "--sampler from it on; 0 = --sampler throughout (default: 0)")
@@ -57,6 +58,9 @@ def check_treatment_args(parser, args):
         parser.error("--drw-start needs a --sampler to switch to (balanced or sqrt)")
     if args.select == "best-val" and args.val_fraction == 0:
         parser.error("--select best-val needs a validation split (--val-fraction)")
+    if args.loss == "balanced-softmax" and args.tau != 1.0:
+        parser.error(f"--tau {args.tau:g} does not apply to --loss balanced-softmax, which is logit adjustment with "
+                     "tau 1; for another tau use --loss logit-adjusted")
 
 
 def epoch_sampler(args, epoch):
@@ -164,8 +168,8 @@ def validation_split(labels, fraction, generator):
     """Stratified, seeded hold-out: (training indices, validation indices), disjoint, sorted.
 
     Each class (by given label) gives round(fraction * its count) images, at least one when
-    fraction > 0. It depends only on (labels, fraction, generator's seed), so a resumed run
-    gets the same split.
+    fraction > 0, except a class of one image, which stays in training. It depends only on
+    (labels, fraction, generator's seed), so a resumed run gets the same split.
     """
     held = []
     for c in range(len(CLASSES)):

@@ -7,8 +7,10 @@ what a machine may lack (@pytest.mark.cuda, @pytest.mark.mps: a GPU).
 """
 import atexit
 import collections
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -128,6 +130,44 @@ def run_script(script, *args, cwd, timeout=600, env=None, memory=None, file_size
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+class DeadlineExceeded(BaseException):
+    """A block ran past its deadline. A BaseException, like KeyboardInterrupt: the code under test
+    catches OSError (TimeoutError is one) and Exception in places, and must not swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds, what):
+    """Fail the block with DeadlineExceeded after `seconds` instead of hanging CI (a lock that deadlocks,
+    a wait that never ends): SIGALRM interrupts even a blocking flock in the main thread. pytest-timeout
+    is not a dependency; where there is no SIGALRM (Windows) the block runs unguarded."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise DeadlineExceeded(f"{what}: still running after {seconds} s (a deadlock?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """A started subprocess.Popen, killed and waited for when the block ends however it ends: a failed
+    assertion or a timeout must not leave a trainer running, holding its output's lock and a core."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=60)
 
 
 def assert_one_error_line(result, *needles):

@@ -175,3 +175,30 @@ def test_a_missing_checkpoint_is_one_clear_line(args, path, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr == (f"adversarialExample.py: error: {path}: no such checkpoint; train one with "
                              "`python trainer.py` or pass --checkpoint PATH\n")
+
+
+def test_a_new_run_leaves_no_example_figure_of_an_earlier_one(tmp_path):
+    # A run with fewer --examples than the last (or none) must not leave the last run's panels and
+    # overview beside its own, where they would pass for this run's; other files in the folder stay.
+    from adversarial_figures import save_examples
+
+    def examples(classes):
+        g = torch.Generator().manual_seed(0)
+        probs = torch.tensor([0.2, 0.3, 0.5])
+        return [{"dev_index": k, "true": name, "original": torch.rand(3, 32, 32, generator=g) * 2 - 1,
+                 "noise": torch.zeros(3, 32, 32), "distorted": torch.rand(3, 32, 32, generator=g) * 2 - 1,
+                 "probs": [probs, probs, probs]} for k, name in enumerate(classes)]
+
+    out = tmp_path / "adversarial"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "example.png").write_bytes(b"not one of ours")  # no "_": not a name the script writes
+    records = save_examples(out, examples(["car", "truck", "cat"]), 0.03, "FGSM")
+    first = {Path(f).name for r in records for f in r["files"].values()}
+    assert len(first) == 12 and {p.name for p in out.iterdir()} == first | {"overview.png", "notes.txt", "example.png"}
+    records = save_examples(out, examples(["cat"]), 0.03, "FGSM")
+    assert {p.name for p in out.iterdir()} == {f"example0_cat_{part}.png" for part in
+                                               ("original", "noise", "distorted", "panel")} | \
+        {"overview.png", "notes.txt", "example.png"}
+    assert save_examples(out, [], 0.03, "FGSM") == []
+    assert {p.name for p in out.iterdir()} == {"notes.txt", "example.png"}

@@ -132,6 +132,85 @@ def test_values_just_outside_the_range_are_tolerated(tmp_path):
     assert -1 <= float(images.min()) and float(images.max()) <= 1
 
 
+@pytest.mark.parametrize("value", [1.0011, -1.0011, 1.01, -1.01, 1.5])
+def test_values_past_the_tolerance_are_refused_naming_the_item(tmp_path, value):
+    # docs/data.md: values at most 0.001 outside [-1, 1] are float rounding, clamped; further out (a
+    # pixel level is 2/255 = 0.0078) they were not normalized as (x - 0.5) / 0.5, and are refused.
+    items = [(torch.zeros(3, 32, 32), 0) for _ in range(3)]
+    items[2][0][1, 5, 7] = value
+    path = dump(tmp_path / "off.pickle", items)
+    low, high = (0.0, value) if value > 0 else (value, 0.0)
+    with pytest.raises(UserError) as info:
+        load_pickle(path)
+    assert str(info.value) == (f"{path}: item 2: pixel values span [{low:.3f}, {high:.3f}], expected [-1, 1] "
+                               "(images must be normalized as (x - 0.5) / 0.5)")
+    items[2][0][1, 5, 7] = 1.0009 if value > 0 else -1.0009  # within the tolerance: clamped to the end
+    images, _ = load_pickle(dump(tmp_path / "rounding.pickle", items))
+    assert float(images[2, 1, 5, 7]) == (1.0 if value > 0 else -1.0)
+
+
+def test_un_normalize_image_inverts_the_courses_normalization_per_channel():
+    # The course normalizes with torchvision's Normalize((0.5,) * 3, (0.5,) * 3) after ToTensor; un_normalize_image
+    # gives back ToTensor's [0, 1] pixels, channel by channel, as H x W x 3 (not square: height stays height).
+    from torchvision import transforms
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    pixels[..., 0] = 255 - pixels[..., 1]  # channels that differ
+    normalized = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])(
+        Image.fromarray(pixels))
+    back = dataset.un_normalize_image(normalized)
+    assert back.shape == (20, 30, 3)
+    assert np.allclose(back, pixels / 255, atol=1e-6)
+    assert np.allclose(dataset.un_normalize_image(normalized.numpy()), pixels / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_big_endian_numpy_arrays_in_a_data_pickle_load_with_their_values(tmp_path, protocol):
+    # numpy keeps an array's byte order in its pickle: a big-endian float32 image ('>f4') and a big-endian
+    # int64 label must come out as the numbers numpy itself reads back, not as byte-swapped ones.
+    image = (np.random.default_rng(protocol).random((3, 32, 32)) * 2 - 1).astype(">f4")
+    items = [(image, np.array([2], dtype=">i8")[0]), (image.astype("<f4"), np.int64(1)),
+             (image.astype(">f8"), 0)]
+    path = dump(tmp_path / "big_endian.pickle", items, protocol)
+    with open(path, "rb") as f:
+        expected = pickle.load(f)  # numpy's own reading (the file is our own: safe to unpickle here)
+    images, labels = load_pickle(path)
+    for got, (array, _) in zip(images, expected):
+        assert torch.equal(got, torch.from_numpy(array.astype("=f4")))
+    assert labels.tolist() == [2, 1, 0]
+
+
+class _ViewOfStorage:
+    """Pickles as torch's tensor rebuilder over `storage`: an image [3, 32, 32] starting at element `offset`."""
+
+    def __init__(self, storage, offset):
+        self.storage, self.offset = storage, offset
+
+    def __reduce__(self):
+        import collections
+
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, self.offset, (3, 32, 32), (1024, 32, 1), False, collections.OrderedDict()))
+
+
+def test_a_tensor_may_reach_its_storages_last_element_and_not_one_past_it(tmp_path):
+    import warnings
+
+    base = torch.arange(3072.0) / 3072
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated; torch still pickles tensors through it
+        storage = base.storage()
+    # Offset 0: the image's last element is the storage's last, element 3071 of 3072.
+    images, _ = load_pickle(dump(tmp_path / "fits.pickle", [(_ViewOfStorage(storage, 0), 0)]))
+    assert torch.equal(images[0], base.view(3, 32, 32))
+    # Offset 1: it would read element 3072, one past the end.
+    path = dump(tmp_path / "past.pickle", [(_ViewOfStorage(storage, 1), 0)])
+    with pytest.raises(UserError) as info:
+        load_pickle(path)
+    assert str(info.value) == f"{path}: refused: a tensor of size [3, 32, 32] reaches element 3072 of a storage of " \
+                              "3072 elements"
+
+
 @pytest.mark.parametrize("payload", ["os.system", "open for writing"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload):
     marker = tmp_path / "MARKER"
@@ -414,6 +493,27 @@ def write_batches(folder, pixels, labels, per_batch):
         # numpy 1, which wrote the real files, names its reconstructor numpy.core.multiarray.
         data = out.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
         (folder / f"data_batch_{k + 1}").write_bytes(data)
+
+
+# CIFAR-10's class list, as its documentation (and batches.meta's label_names) gives it: a label is its position.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def test_the_cifar_batches_give_cars_trucks_and_cats_by_cifar_10s_own_label_ids(tmp_path):
+    # Every CIFAR-10 class in the batches, each a solid grey of its own (label id x 20 + 5): the built
+    # car, truck and cat images must be those of automobile (1), truck (9) and cat (3).
+    assert dataset.CIFAR_IDS == tuple(CIFAR10_CLASSES.index(name) for name in dataset.CIFAR_NAMES)
+    labels = [k % 10 for k in range(100)]
+    pixels = np.stack([np.full((3, 32, 32), 20 * label + 5, dtype=np.uint8) for label in labels])
+    write_batches(tmp_path / "cifar-10-batches-py", pixels, labels, per_batch=20)
+    build_small(tmp_path, tmp_path / "data", train_counts=(4, 4, 4), dev_counts=(3, 3, 3), mislabeled=0)
+    for split in ("train", "dev"):
+        images, given = load_pickle(tmp_path / "data" / f"{split}.pickle")
+        for course_label, name in enumerate(dataset.CLASSES):
+            cifar_name = "automobile" if name == "car" else name
+            grey = from_unit(torch.tensor((20 * CIFAR10_CLASSES.index(cifar_name) + 5) / 255))
+            assert torch.allclose(images[given == course_label], grey.expand(int((given == course_label).sum()),
+                                                                            3, 32, 32)), (split, name)
 
 
 @needs_cifar

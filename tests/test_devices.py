@@ -22,7 +22,7 @@ import dataset
 import devices
 import models
 import trainer
-from conftest import ROOT, assert_one_error_line, run_script
+from conftest import ROOT, DeadlineExceeded, assert_one_error_line, deadline, reaped, run_script
 from dataset import load_pickle
 from test_trainer import train_cmd
 
@@ -208,15 +208,27 @@ def test_a_run_leaves_no_lock_file_behind(small_data, tmp_path):
 
 
 def test_a_second_writer_of_the_same_output_is_one_line_while_the_first_holds_it(tmp_path):
-    with cli.exclusive_lock(tmp_path / "m.ckpt", "--out"):
+    # A second writer that waited for the first instead of stopping would wait here for ever: the deadline fails it.
+    with deadline(30, "exclusive_lock"), cli.exclusive_lock(tmp_path / "m.ckpt", "--out"):
         assert (tmp_path / "m.ckpt.lock").exists()
         with pytest.raises(cli.UserError, match=r"--out .*m.ckpt: another run is writing it"):
             with cli.exclusive_lock(tmp_path / "m.ckpt", "--out"):
                 pass
     assert not (tmp_path / "m.ckpt.lock").exists()
-    with cli.exclusive_lock(tmp_path / "m.ckpt", "--out"):  # free again
+    with deadline(30, "exclusive_lock"), cli.exclusive_lock(tmp_path / "m.ckpt", "--out"):  # free again
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_deadline_guard_fails_a_lock_wait_that_never_ends(tmp_path):
+    # The guard the lock tests rely on: it interrupts a blocking flock in this thread within its time.
+    with cli.file_lock(tmp_path / "x.lock", wait=False, busy=lambda: AssertionError("busy")):
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="a deadlock"):
+            with deadline(1, "waiting for a held lock"):
+                with cli.file_lock(tmp_path / "x.lock", wait=True, busy=None):
+                    pytest.fail("two holders of one lock")
+        assert time.monotonic() - started < 10
 
 
 def test_file_lock_admits_one_holder_at_a_time_and_is_removed_after(tmp_path):
@@ -235,12 +247,15 @@ def test_file_lock_admits_one_holder_at_a_time_and_is_removed_after(tmp_path):
             with guard:
                 inside[0] -= 1
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    # Daemon threads and one deadline for all: a deadlocked holder fails the test instead of hanging the run.
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(16)]
     for t in threads:  # staggered, so that some arrive after a holder has removed the file
         t.start()
         time.sleep(0.003)
+    end = time.monotonic() + 60
     for t in threads:
-        t.join(60)
+        t.join(max(0.0, end - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "threads still waiting for the lock after 60 s: a deadlock"
     assert sorted(entries) == list(range(16)) and most[0] == 1
     assert not lock.exists()
 
@@ -266,9 +281,11 @@ dataset.ensure_data(dataset.TRAIN_PATH, dataset.DEV_PATH)
 def test_processes_sharing_a_data_folder_build_it_once(tmp_path):
     script = tmp_path / "build_once.py"
     script.write_text(BUILD_ONCE)
-    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(tmp_path)], cwd=tmp_path,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    errors = [p.communicate(timeout=120)[1] for p in procs]
+    with contextlib.ExitStack() as running:  # killed on a timeout: none keeps waiting for the build lock
+        procs = [running.enter_context(reaped(subprocess.Popen([sys.executable, str(script), str(ROOT), str(tmp_path)],
+                                                               cwd=tmp_path, stderr=subprocess.PIPE, text=True)))
+                 for _ in range(3)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert (tmp_path / "builds.log").read_text() == "build\n"
     assert sum("building the default data" in e for e in errors) == 1
@@ -287,6 +304,42 @@ def deterministic_mode():
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+@pytest.fixture
+def torch_switches(monkeypatch):
+    """The global switches deterministic() sets, put back afterwards."""
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+    torch.use_deterministic_algorithms(saved[2])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_deterministic_mode_sets_every_switch_pytorchs_reproducibility_notes_name(torch_switches, device):
+    # PyTorch's notes on reproducibility: cudnn.benchmark = False, cudnn.deterministic = True,
+    # torch.use_deterministic_algorithms(True), and on CUDA CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8).
+    # Nothing here needs a GPU: the switches are set, not used.
+    import os
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    torch.use_deterministic_algorithms(False)
+    devices.deterministic(torch.device(device))
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if device == "cuda" else None)
+
+
+def test_amp_autocasts_to_bfloat16_and_off_changes_nothing():
+    # docs/devices.md and --help: --amp is bfloat16 autocast (float32's range: no loss scaling), not float16.
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with devices.autocast(torch.device("cpu"), True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert layer(x).dtype == torch.bfloat16
+    with devices.autocast(torch.device("cpu"), False):
+        assert not torch.is_autocast_enabled("cpu") and layer(x).dtype == torch.float32
 
 
 def test_the_deterministic_pooling_gives_the_same_values_and_gradients_ties_included(deterministic_mode):
@@ -422,13 +475,13 @@ def test_deterministic_cuda_runs_repeat_and_resume_exactly(small_data, tmp_path)
         result = run_script("trainer.py", *train_cmd(small_data, tmp_path / run, *flags)[2:], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     assert identical(weights(tmp_path / "a" / "m.ckpt"), weights(tmp_path / "b" / "m.ckpt"))
-    proc = subprocess.Popen(train_cmd(small_data, tmp_path / "c", *flags), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     from test_trainer import wait_for
 
-    wait_for(tmp_path / "c" / "m.resume.pt")
-    proc.kill()
-    proc.wait()
+    with reaped(subprocess.Popen(train_cmd(small_data, tmp_path / "c", *flags), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)) as proc:
+        wait_for(tmp_path / "c" / "m.resume.pt")
+        proc.kill()
+        proc.wait(timeout=60)
     assert torch.load(tmp_path / "c" / "m.resume.pt", weights_only=True)["epoch"] < 3  # killed before the end
     resumed = run_script("trainer.py", *train_cmd(small_data, tmp_path / "c", *flags, "--resume")[2:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -173,6 +173,35 @@ def test_expected_calibration_error_against_a_plain_loop():
     assert c["curve"]["confidence"] == pytest.approx(mean_confidence.tolist(), abs=1e-6)
 
 
+def test_expected_calibration_error_bins_are_closed_on_the_right_at_their_edges():
+    # Confidences exactly on the 15 bins' edges (0.4 = 6/15, 0.8 = 12/15: the same doubles np.linspace
+    # gives), bins (b/15, (b+1)/15] as scikit-learn's calibration_curve has them:
+    #   A 0.4 right  -> (5/15, 0.4]    |1 - 0.4|  = 0.60
+    #   B 0.42 wrong -> (0.4, 7/15]    |0 - 0.42| = 0.42
+    #   C 0.8 wrong, D 0.78 right -> (11/15, 0.8]: |0.5 - 0.79| = 0.29, two images
+    #   E 1.0 right  -> (14/15, 1]     0
+    # ECE = (0.60 + 0.42 + 2 x 0.29 + 0) / 5 = 0.32; bins closed on the left would give 0.24.
+    probs = np.array([[0.4, 0.3, 0.3], [0.29, 0.42, 0.29], [0.8, 0.1, 0.1], [0.11, 0.11, 0.78], [1.0, 0.0, 0.0]])
+    y_pred = probs.argmax(1)
+    y_true = np.array([0, 0, 1, 2, 0])  # A, D and E right; B and C wrong
+    assert (y_pred == [0, 1, 0, 2, 0]).all()
+    c = metrics.calibration(y_true, y_pred, probs)
+    assert c["ece"] == pytest.approx(0.32)
+    assert c["curve"] == {"confidence": pytest.approx([0.4, 0.42, 0.79, 1.0]),
+                          "accuracy": pytest.approx([1.0, 0.0, 0.5, 1.0]), "count": [1, 1, 2, 1]}
+    from sklearn.calibration import calibration_curve
+
+    accuracy, mean_confidence = calibration_curve((y_pred == y_true).astype(int), probs.max(1), n_bins=15)
+    assert c["curve"]["accuracy"] == pytest.approx(accuracy.tolist())
+    assert c["curve"]["confidence"] == pytest.approx(mean_confidence.tolist())
+    # Four bins, edges 0.25, 0.5, 0.75: 0.5 and 0.5 right in (0.25, 0.5]; 0.75 and 0.6 wrong in (0.5, 0.75];
+    # 1.0 right in (0.75, 1]. ECE = 2/5 x 0.5 + 2/5 x 0.675 = 0.47, and the definition names four bins.
+    probs = np.array([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.75, 0.125, 0.125], [0.6, 0.2, 0.2], [1.0, 0, 0]])
+    c = metrics.calibration([0, 1, 1, 1, 0], probs.argmax(1), probs, bins=4)
+    assert c["ece"] == pytest.approx(0.47) and c["curve"]["count"] == [2, 2, 1]
+    assert c["bins"] == 4 and "4 equal-width" in c["definition"]
+
+
 def test_format_metrics_shows_calibration_and_most_confused_pairs():
     m = metrics.compute_metrics(Y_TRUE, Y_PRED)
     probs = np.full((8, 3), 0.1)

@@ -185,6 +185,26 @@ def test_load_reads_a_bare_state_dict(tmp_path):
     assert torch.equal(model(x), original(x))
 
 
+@pytest.mark.parametrize("wrap, key_prefix, prefixes", [
+    (lambda m: nn.DataParallel(torch.compile(m)), "module._orig_mod.", "module. and _orig_mod. prefixes"),
+    (lambda m: torch.compile(nn.DataParallel(m)), "_orig_mod.module.", "_orig_mod. and module. prefixes"),
+], ids=["DataParallel of a compiled model", "compiled DataParallel"])
+def test_a_state_dict_under_two_stacked_wrappers_loads(wrap, key_prefix, prefixes, tmp_path, capsys):
+    # The wrappers themselves write the keys: 'module._orig_mod.conv1.weight' and the like.
+    for original in (trained_looking(SimpleModel()).eval(), trained_looking(ResNet8()).eval()):
+        path = tmp_path / f"{original.arch}.pt"
+        wrapped = wrap(original).state_dict()
+        assert all(k.startswith(key_prefix) for k in wrapped)
+        torch.save(wrapped, path)
+        capsys.readouterr()
+        loaded = load_model(path)  # the architecture guessed from the stripped keys
+        assert type(loaded) is type(original)
+        assert loaded.state_dict().keys() == original.state_dict().keys()
+        assert all(torch.equal(v, original.state_dict()[k]) for k, v in loaded.state_dict().items())
+        note = f"note: {path}: read the weights from a bare state_dict ({prefixes} stripped)\n"
+        assert capsys.readouterr().err == note
+
+
 def test_resnet8_round_trip_keeps_arch_and_outputs(tmp_path):
     original = trained_looking(ResNet8()).eval()
     path = tmp_path / "resnet.ckpt"

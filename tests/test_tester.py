@@ -254,6 +254,33 @@ def _photo_folder(root, images, labels, count=12):
     return root
 
 
+def test_skip_bad_with_a_photo_folder_leaves_the_bad_file_out_and_names_it(briefly_trained, small_data, tmp_path):
+    # README: with --data FOLDER "a bad file ... is one error: line naming it, or with --skip-bad one warning".
+    images, labels = dataset.load_pickle(small_data / "dev.pickle")
+    order = torch.cat([(labels == c).nonzero()[:3, 0] for c in range(3)])  # 3 of each class
+    folder = _photo_folder(tmp_path / "photos", images[order], labels[order], count=9)
+    bad = folder / "truck" / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    result = run_script("tester.py", "--checkpoint", briefly_trained[1], "--out", tmp_path / "out", "--data", folder,
+                        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 1 and not (tmp_path / "out" / "metrics_briefly.json").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tester.py: error: {bad}: ") and "--skip-bad" in lines[0], \
+        result.stderr
+
+    result = _tester(tmp_path, briefly_trained[1], "--data", folder, "--skip-bad")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"warning: {bad}: ") and lines[0].endswith("; skipped"), \
+        result.stderr
+    assert lines[1] == "warning: skipped 1 of 10 files (bad images, each named above)"
+    record = json.loads((tmp_path / "out" / "metrics_briefly.json").read_text())
+    assert [s["path"] for s in record["skipped"]] == [str(bad)]
+    assert record["n"] == 9 and [sum(row) for row in record["confusion_matrix"]] == [3, 3, 3]
+    # The nine good photos are scored as the model scores them.
+    assert record["confusion_matrix"] == metrics.compute_metrics(
+        labels[order], softmax_by_hand(briefly_trained[0], images[order]).argmax(1))["confusion_matrix"]
+
+
 def test_explain_with_a_photo_folder_and_flip_names_the_files(briefly_trained, small_data, tmp_path):
     images, labels = dataset.load_pickle(small_data / "dev.pickle")
     order = torch.cat([(labels == c).nonzero()[:, 0] for c in range(3)])  # some of each class

@@ -1,5 +1,6 @@
 """trainer.py: sampler, augmentation, label repair, learning-rate study, checkpoints and resume."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 import label_repair
 import trainer
 from cli import UserError
-from conftest import ROOT, run_script
+from conftest import ROOT, reaped, run_script
 from models import SimpleModel, load_model
 
 
@@ -88,6 +89,23 @@ def test_label_repair_finds_planted_errors(tmp_path):
     assert (repaired == true).float().mean() > (given == true).float().mean()
     assert keep.all()
     assert (tmp_path / "label_issues.png").stat().st_size > 0
+    # README: the label_issues.json of an auto run is a --fix-labels FILE: it repeats the same repair.
+    again, keep = repair(images, given, args_for("--fix-labels", str(tmp_path / "label_issues.json")))
+    assert torch.equal(again, repaired) and keep.all()
+
+
+def test_a_label_issues_json_as_fix_labels_applies_only_the_flags_acted_on(tmp_path):
+    # label_issues.json as label repair writes it: the flags kept (acted: false) change nothing.
+    issues = [{"index": 1, "given": "car", "suggested": "cat", "confidence": 0.91, "acted": True},
+              {"index": 2, "given": "truck", "suggested": "car", "confidence": 0.88, "acted": False,
+               "kept_because": label_repair.KEPT_TWO_WAY},
+              {"index": 3, "given": "cat", "suggested": "truck", "confidence": 0.7, "acted": True}]
+    path = tmp_path / "label_issues.json"
+    path.write_text(json.dumps({"method": "confident learning", "action": "drop", "flagged": 3, "acted_on": 2,
+                                "pairs": {}, "issues": issues}, indent=1))
+    repaired, keep = repair(torch.zeros(5, 3, 32, 32), torch.tensor([0, 0, 1, 2, 1]),
+                            args_for("--fix-labels", str(path)))
+    assert repaired.tolist() == [0, 2, 1, 1, 1] and keep.all()
 
 
 def test_directional_filter_keeps_one_way_noise_and_skips_two_way_confusion():
@@ -148,10 +166,35 @@ def test_divergence_in_training_is_one_clear_line(small_data, tmp_path):
     result = run_script("trainer.py", "--data", small_data / "train.pickle", "--dev-data", small_data / "dev.pickle",
                         "--epochs", "2", "--lr", "1e9", "--fix-labels", "none", "--out", tmp_path / "m.ckpt",
                         "--figures", tmp_path, cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert "diverged" in last and "lower the learning rate" in last
-    assert "Traceback" not in result.stderr
+    # Epoch 1 diverges before anything is written: no state to point to, and none there.
+    assert re.fullmatch(r"trainer\.py: error: training diverged in epoch 1 \(loss became (nan|inf) at step \d+ of "
+                        r"the epoch\): lower the learning rate \(--lr 1e\+09\); nothing was saved", last), last
+    assert not (tmp_path / "m.resume.pt").exists()
+
+
+def test_divergence_after_a_saved_epoch_names_the_state_to_go_back_to(small_data, tmp_path, monkeypatch):
+    from dataset import load_pickle
+
+    calls = []
+    run_epoch = trainer.run_epoch
+
+    def second_epoch_diverges(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("loss became nan at step 3 of the epoch")
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_epoch", second_epoch_diverges)
+    args = args_for("--data", str(small_data / "train.pickle"), "--epochs", "3", "--fix-labels", "none",
+                    "--out", str(tmp_path / "m.ckpt"), "--figures", str(tmp_path / "fig"), "--lr", "0.002")
+    with pytest.raises(UserError) as diverged:
+        trainer.train(*load_pickle(small_data / "train.pickle"), *load_pickle(small_data / "dev.pickle"), args, "cpu")
+    assert str(diverged.value) == ("training diverged in epoch 2 (loss became nan at step 3 of the epoch): lower the "
+                                   f"learning rate (--lr 0.002); the last good state (epoch 1) is in "
+                                   f"{tmp_path / 'm.resume.pt'}")
+    assert torch.load(tmp_path / "m.resume.pt", weights_only=True)["epoch"] == 1
 
 
 def train_cmd(small_data, tmp_path, *extra):
@@ -192,20 +235,20 @@ def wait_for(path, timeout=120):
 def test_kill_9_then_resume_matches_an_uninterrupted_run(small_data, tmp_path, flags):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    full = subprocess.run(train_cmd(small_data, tmp_path / "a", *flags), capture_output=True, text=True)
+    full = subprocess.run(train_cmd(small_data, tmp_path / "a", *flags), capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr
 
-    proc = subprocess.Popen(train_cmd(small_data, tmp_path / "b", *flags), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_for(tmp_path / "b" / "m.resume.pt")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with reaped(subprocess.Popen(train_cmd(small_data, tmp_path / "b", *flags), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)) as proc:
+        wait_for(tmp_path / "b" / "m.resume.pt")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
     saved = torch.load(tmp_path / "b" / "m.resume.pt", weights_only=True)["epoch"]
     load_model(tmp_path / "b" / "m.ckpt")  # a valid checkpoint survived the kill
     assert 1 <= saved < int(flags[1])
 
     resumed = subprocess.run(train_cmd(small_data, tmp_path / "b", *flags, "--resume"), capture_output=True,
-                             text=True)
+                             text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"after epoch {saved}" in resumed.stderr
     a = torch.load(tmp_path / "a" / "m.ckpt", weights_only=True)["model_state_dict"]
@@ -215,15 +258,24 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(small_data, tmp_path, f
 
 
 def test_ctrl_c_saves_and_exits_with_one_line(small_data, tmp_path):
-    proc = subprocess.Popen(train_cmd(small_data, tmp_path, "--epochs", "200", "--fix-labels", "none"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(tmp_path / "m.resume.pt")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    # 200 epochs (about a second each here): the signal, sent once epoch 1's state is written, lands
+    # while the run is training, not after it finished. Exit status 130, as for any SIGINT.
+    # A shell's background job (`pytest ... &`) has SIGINT ignored, and a child inherits that: the run
+    # would train all 200 epochs. The trainer gets the default SIGINT, as a terminal's Ctrl-C finds it.
+    with reaped(subprocess.Popen(train_cmd(small_data, tmp_path, "--epochs", "200", "--fix-labels", "none"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))) as proc:
+        wait_for(tmp_path / "m.resume.pt")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert "--resume" in err.strip().splitlines()[-1]
-    assert torch.load(tmp_path / "m.resume.pt", weights_only=True)["epoch"] >= 1
+    last = err.strip().splitlines()[-1]
+    saved = torch.load(tmp_path / "m.resume.pt", weights_only=True)["epoch"]
+    assert 1 <= saved < 200
+    assert last == (f"trainer.py: error: interrupted: epoch {saved} of 200 is saved in {tmp_path / 'm.resume.pt'}; "
+                    "continue with the same flags plus --resume")
+    assert not (tmp_path / "m.ckpt.lock").exists()  # the lock let go
 
 
 def interrupted_train(small_data, tmp_path, monkeypatch, where):
@@ -250,6 +302,38 @@ def test_ctrl_c_before_the_first_save_says_nothing_was_saved(small_data, tmp_pat
     assert not (tmp_path / "m.resume.pt").exists()
 
 
+def test_ctrl_c_right_after_the_state_is_written_names_the_epoch_on_disk(small_data, tmp_path, monkeypatch):
+    # A Ctrl-C that arrives just after epoch 1's resume state is renamed into place (as a user who
+    # sees the file appear, or the test above, may send it): the message must name epoch 1, which
+    # is on disk, not say that nothing was saved.
+    import os
+
+    from cli import Interrupted
+    from dataset import load_pickle
+
+    real_write = trainer.atomic_write
+
+    def write_then_ctrl_c(path, write):
+        real_write(path, write)
+        if str(path).endswith(".resume.pt"):
+            os.kill(os.getpid(), signal.SIGINT)  # delivered now, between the write and what follows it
+
+    monkeypatch.setattr(trainer, "atomic_write", write_then_ctrl_c)
+    args = args_for("--data", str(small_data / "train.pickle"), "--epochs", "2", "--fix-labels", "none",
+                    "--out", str(tmp_path / "m.ckpt"), "--figures", str(tmp_path / "fig"))
+    # Python's own SIGINT handler, whatever this process inherited (a background job ignores SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            trainer.train(*load_pickle(small_data / "train.pickle"), *load_pickle(small_data / "dev.pickle"), args,
+                          "cpu")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert str(stopped.value) == (f"interrupted: epoch 1 of 2 is saved in {tmp_path / 'm.resume.pt'}; continue with "
+                                  "the same flags plus --resume")
+    assert torch.load(tmp_path / "m.resume.pt", weights_only=True)["epoch"] == 1
+
+
 def test_ctrl_c_on_another_rank_leaves_the_report_to_rank_0(small_data, tmp_path, monkeypatch):
     import ddp
 
@@ -270,11 +354,97 @@ def test_ctrl_c_on_another_rank_leaves_the_report_to_rank_0(small_data, tmp_path
 
 def test_resume_with_other_settings_is_refused(small_data, tmp_path):
     first = subprocess.run(train_cmd(small_data, tmp_path, "--epochs", "1", "--fix-labels", "none"),
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     again = subprocess.run(train_cmd(small_data, tmp_path, "--epochs", "1", "--fix-labels", "none", "--lr", "0.1",
-                                     "--resume"), capture_output=True, text=True)
+                                     "--resume"), capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode != 0 and "lr" in again.stderr and "Traceback" not in again.stderr
+
+
+# What trainer.py's flags are not part of a run's settings, and why. Every other flag defines the run: a
+# resumed run must have the same value, or it would continue someone else's training silently.
+NOT_RUN_SETTINGS = {
+    "out": "where the run writes; the resume state is found next to it",
+    "figures": "where the reports go",
+    "resume": "the request itself",
+    "device": "a state resumes on another device (docs/devices.md)",
+    "cifar_dir": "only read to build missing data; the data itself is fingerprinted",
+    "dev_data": "scored on after each epoch, never trained on",
+    "lr_sweep": "a separate mode that writes no resume state",
+    "sweep_steps": "the same separate mode",
+}
+# For each run-defining flag, a command line that changes it (and the setting it changes).
+OTHER_SETTINGS = {
+    "model": ["--model", "resnet8"], "epochs": ["--epochs", "7"], "lr": ["--lr", "0.01"],
+    "batch_size": ["--batch-size", "16"], "optimizer": ["--optimizer", "sgd"],
+    "weight_decay": ["--weight-decay", "0.001"],
+    "schedule": ["--schedule", "cosine"], "label_smoothing": ["--label-smoothing", "0.1"],
+    "sampler": ["--sampler", "sqrt"], "augment": ["--no-augment"], "fix_labels": ["--fix-labels", "auto"],
+    "repair_folds": ["--repair-folds", "3"], "repair_epochs": ["--repair-epochs", "2"],
+    "repair_action": ["--repair-action", "drop"], "repair_pairs": ["--repair-pairs", "all"],
+    "repair_model": ["--repair-model", "best"], "seed": ["--seed", "1"], "data": ["--data", "other.pickle"],
+    "adversarial": ["--adversarial", "pgd"], "adv_epsilon": ["--adv-epsilon", "0.01"],
+    "adv_steps": ["--adv-steps", "3"],
+    "adv_step_size": ["--adv-step-size", "0.01"], "robust_eval": ["--robust-eval", "10"],
+    "arch": ["--model", "whitened"], "loss": ["--loss", "logit-adjusted"], "tau": ["--tau", "0.5"],
+    "drw_start": ["--drw-start", "2"], "mix": ["--mix", "mixup"], "mix_alpha": ["--mix-alpha", "0.4"],
+    "ema": ["--ema", "0.9"], "val_fraction": ["--val-fraction", "0.1"],
+    "select": ["--select", "best-val", "--val-fraction", "0.1"], "amp": ["--amp"], "deterministic": ["--deterministic"],
+}
+
+
+def test_every_run_defining_flag_is_compared_on_resume(tmp_path):
+    # Generated from trainer.py's own flags: a new flag must be either compared on resume or named above
+    # with its reason; a flag left out of resume_state.RUN_KEYS would resume silently with other settings.
+    import resume_state
+
+    base = args_for("--fix-labels", "none")
+    defining = set(vars(base)) - set(NOT_RUN_SETTINGS)
+    assert set(OTHER_SETTINGS) == defining
+    assert set(resume_state.RUN_KEYS) == defining
+    # A state of the base run, as trainer.py writes its config; resumed with each setting changed.
+    path = tmp_path / "m.resume.pt"
+    state = {k: None for k in ("model", "optimizer", "scheduler", "history", "labels", "keep", "average", "best")}
+    state.update(epoch=1, data_sha256="0" * 64, config={k: getattr(base, k) for k in resume_state.RUN_KEYS})
+    torch.save(state, path)
+    labels = torch.zeros(4, dtype=torch.long)
+    for key, argv in OTHER_SETTINGS.items():
+        args = args_for("--fix-labels", "none", *argv)
+        assert getattr(args, key) != getattr(base, key), key
+        changed = [k for k in defining if getattr(args, k) != getattr(base, k)]
+        with pytest.raises(UserError) as refused:
+            resume_state.load_resume(path, args, "0" * 64, labels)
+        message = str(refused.value)
+        assert message.startswith(f"--resume: {path} belongs to a run with other settings (") and \
+            message.endswith("); use the same flags or start without --resume"), (key, message)
+        named = message.split("other settings (")[1].split(")")[0].split(", ")
+        assert key in named and sorted(named) == sorted(changed), (key, message)
+    # The same flags pass the settings (and stop at the next check of this skeleton state).
+    with pytest.raises(UserError, match="labels|keep|history") as refused:
+        resume_state.load_resume(path, base, "0" * 64, labels)
+    assert "other settings" not in str(refused.value)
+
+
+def test_the_kept_best_checkpoint_must_reach_its_recorded_score_within_a_hundredth(briefly_trained):
+    # resume_state.check_kept_checkpoint: with --select best-val the checkpoint is scored again on the
+    # validation split; it may score higher than the state records, or up to a hundredth lower (another
+    # device's rounding), not more: a raised record would keep an epoch that did not win.
+    from sklearn.metrics import balanced_accuracy_score
+
+    from conftest import softmax_by_hand
+    from resume_state import check_kept_checkpoint
+
+    model, checkpoint, val_x, val_y = briefly_trained
+    score = balanced_accuracy_score(val_y.numpy(), softmax_by_hand(model, val_x).argmax(1).numpy())
+    for recorded in (score, score + 0.009, score - 0.3):
+        check_kept_checkpoint({"epoch": 3, "score": recorded}, checkpoint, val_x, val_y, "cpu", "m.resume.pt")
+    for recorded in (score + 0.011, score + 0.2):
+        with pytest.raises(UserError) as refused:
+            check_kept_checkpoint({"epoch": 3, "score": recorded}, checkpoint, val_x, val_y, "cpu", "m.resume.pt")
+        assert str(refused.value) == (f"--resume: m.resume.pt: best says epoch 3 scored {recorded:.4f} on the "
+                                      f"validation split, but {checkpoint} scores {score:.4f}; delete it to start "
+                                      "over, or run without --resume")
 
 
 def test_bad_fix_labels_file_is_one_line(small_data, tmp_path):

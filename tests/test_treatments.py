@@ -1,4 +1,5 @@
 """trainer.py's imbalance treatments, validation split and --model best (fast: tiny data)."""
+import argparse
 import json
 
 import pytest
@@ -47,6 +48,32 @@ def test_balanced_softmax_is_cross_entropy_under_a_uniform_prior_and_weights_by_
     by_hand = -(weighted[torch.arange(8), targets] / weighted.sum(1)).log().mean()
     assert torch.allclose(treatments.logit_adjusted_cross_entropy(logits, targets, prior.log(), tau=1.0), by_hand,
                           atol=1e-6)
+
+
+def test_balanced_softmax_uses_tau_1_whatever_tau_the_arguments_hold(capsys):
+    # README/--help: balanced-softmax is "the same with tau 1". A --tau beside it is refused rather than ignored;
+    # and the loss does not read args.tau for it (a recipe's or fold model's tau never reaches it).
+    torch.manual_seed(0)
+    logits, targets = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    labels = torch.tensor([0] * 72 + [1] * 6 + [2] * 22)
+    log_prior = treatments.label_log_prior(labels)
+    prior = torch.tensor([0.72, 0.06, 0.22])
+    weighted = prior * logits.exp()
+    ren = -(weighted[torch.arange(8), targets] / weighted.sum(1)).log().mean()  # Ren et al. 2020, by hand
+    for tau in (1.0, 0.3, 2.0):
+        args = argparse.Namespace(**{**vars(args_for("--loss", "balanced-softmax")), "tau": tau})
+        assert torch.allclose(treatments.batch_loss(logits, targets, targets, 1.0, args, log_prior), ren, atol=1e-6)
+    adjusted = args_for("--loss", "logit-adjusted", "--tau", "0.3")  # the other loss takes its tau
+    shifted = logits + 0.3 * prior.log()
+    assert torch.allclose(treatments.batch_loss(logits, targets, targets, 1.0, adjusted, log_prior),
+                          F.cross_entropy(shifted, targets), atol=1e-6)
+    assert args_for("--loss", "balanced-softmax", "--tau", "1").tau == 1.0
+    with pytest.raises(SystemExit) as refused:
+        args_for("--loss", "balanced-softmax", "--tau", "0.5")
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        ": error: --tau 0.5 does not apply to --loss balanced-softmax, which is logit adjustment with tau 1; for "
+        "another tau use --loss logit-adjusted (see --help)\n")
 
 
 def test_label_prior_is_the_share_of_each_class():
@@ -123,6 +150,17 @@ def test_validation_split_is_stratified_seeded_and_disjoint():
     assert torch.equal(again[1], val_idx) and torch.equal(again[0], train_idx)
     assert not torch.equal(treatments.validation_split(labels, 0.1, torch.Generator().manual_seed(1))[1], val_idx)
     assert len(treatments.validation_split(labels, 0.0, torch.Generator().manual_seed(0))[1]) == 0
+
+
+def test_validation_split_holds_out_at_least_one_image_of_each_class_that_has_two():
+    # docstring: round(fraction x count) per class, at least one when fraction > 0; a class's only image trains.
+    labels = torch.tensor([0] * 40 + [1] * 3 + [2] * 1)
+    train_idx, val_idx = treatments.validation_split(labels, 0.1, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[val_idx], minlength=3).tolist() == [4, 1, 0]  # round(0.3) = 0, but one truck
+    assert torch.bincount(labels[train_idx], minlength=3).tolist() == [36, 2, 1]
+    labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 2)
+    _, val_idx = treatments.validation_split(labels, 0.01, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[val_idx], minlength=3).tolist() == [1, 1, 1]
 
 
 def test_model_best_resolves_to_a_registered_architecture():
