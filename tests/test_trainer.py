@@ -416,7 +416,7 @@ def test_every_run_defining_flag_is_compared_on_resume(tmp_path):
         with pytest.raises(UserError) as refused:
             resume_state.load_resume(path, args, "0" * 64, labels)
         message = str(refused.value)
-        assert message.startswith(f"--resume: {path} belongs to a run with other settings (") and \
+        assert message.startswith(f"--resume: {path}: belongs to a run with other settings (") and \
             message.endswith("); use the same flags or start without --resume"), (key, message)
         named = message.split("other settings (")[1].split(")")[0].split(", ")
         assert key in named and sorted(named) == sorted(changed), (key, message)
