@@ -207,8 +207,8 @@ def test_a_tensor_may_reach_its_storages_last_element_and_not_one_past_it(tmp_pa
     path = dump(tmp_path / "past.pickle", [(_ViewOfStorage(storage, 1), 0)])
     with pytest.raises(UserError) as info:
         load_pickle(path)
-    assert str(info.value) == f"{path}: refused: a tensor of size [3, 32, 32] reaches element 3072 of a storage of " \
-                              "3072 elements"
+    assert str(info.value) == f"{path}: refused: a tensor of size [3, 32, 32] reaches element 3,072 of a storage of " \
+                              "3,072 elements"
 
 
 @pytest.mark.parametrize("payload", ["os.system", "open for writing"])
