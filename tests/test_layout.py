@@ -58,7 +58,7 @@ def test_the_shared_modules_are_there():
     # What the scripts share lives in modules named for what they hold.
     assert {"cli", "dataset", "models", "metrics", "attacks", "images", "untrusted", "restricted_pickle",
             "pickled_tensors", "pickled_data",
-            "resume_state", "treatments", "label_repair", "lr_sweep", "explain", "gradient_masking",
+            "resume_state", "treatments", "label_repair", "lr_sweep", "training_report", "explain", "gradient_masking",
             "adversarial_figures"} <= set(MODULES)
 
 
