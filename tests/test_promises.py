@@ -288,6 +288,25 @@ def test_sanity_line_warns_when_accuracy_rises_with_epsilon_and_not_on_a_normal_
     assert line.startswith("sanity: no sign of gradient masking") and "more images correct" not in line
 
 
+def sweep(fgsm_this_epsilon, worst):
+    eps = [0, 0.1, 0.2, 0.3]
+    return {"results": {"fgsm": [{"epsilon": e, "accuracy_attacked_this_epsilon": a, "accuracy_attacked": w}
+                                 for e, a, w in zip(eps, fgsm_this_epsilon, worst)]}}
+
+
+def test_sanity_line_calls_a_rise_masking_only_when_it_ends_above_a_tenth_of_the_images():
+    # A plain model's FGSM at large ε (as the default quick start measured it): 1.8 % correct at 0.2,
+    # 2.9 % at 0.3. The single large step overshoots; no robust number is inflated.
+    overshoot = sweep([1.0, 0.023, 0.018, 0.029], [1.0, 0.021, 0.003, 0.002])
+    assert gradient_masking.sanity_line(overshoot, {"fgsm": "FGSM"}) == (
+        "sanity: no sign of gradient masking: FGSM rises from 1.8% at ε = 0.2 to 2.9% at ε = 0.3, under 10%: a large "
+        "single step's overshoot; 0.2% left at ε = 0.3")
+    # The same rise ending at 12 % of the images is a sign of masking.
+    masked = sweep([1.0, 0.023, 0.018, 0.12], [1.0, 0.021, 0.003, 0.002])
+    assert gradient_masking.masking_checks(masked, {"fgsm": "FGSM"})[0] == [
+        "FGSM leaves more images correct at ε = 0.3 than at ε = 0.2"]
+
+
 # ---------------------------------------------------------------------------
 # --select best-val keeps the epoch the recorded history says is best, with its weights
 
